@@ -1,0 +1,125 @@
+"""ResNet (He et al. 2015, https://arxiv.org/abs/1512.03385) on transformers' ``ResNetModel``.
+
+Features ``stage1..stage4`` at strides 4, 8, 16, 32; ``embed`` is the global average pool.
+Weights: transformers hub checkpoints (``microsoft/resnet-50``), torchvision and timm state dicts.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..backbone import Backbone
+from ..hookspecs import hookimpl
+from ..specs import BackboneSpec, FeatureInfo, InputSpec, Tokens
+from ._common import has_keys, rename, run, strip_prefixes
+
+FAMILY = "resnet"
+
+
+class ResNet(Backbone):
+    """transformers ``ResNetModel`` behind the backbone_sdk interface (weights under ``model.``)."""
+
+    def __init__(self, spec: BackboneSpec):
+        super().__init__(spec)
+        from transformers import ResNetConfig, ResNetModel
+
+        cfg = spec.config
+        config = ResNetConfig(
+            embedding_size=cfg["stem_width"], hidden_sizes=list(cfg["widths"]), depths=list(cfg["depths"]),
+            layer_type=cfg["block"], downsample_in_bottleneck=False,
+        )
+        self.model = ResNetModel(config)
+        self.model.pooler = None  # embed() pools itself; keeps the state dict free of unused modules
+        self.grad_checkpointing = False
+
+    def _features(self, images, levels):
+        x = self.model.embedder(images)
+        out, last = {}, self.spec.feature_names.index(levels[-1])
+        for i, stage in enumerate(self.model.encoder.stages[: last + 1]):
+            x = run(stage, x, self.grad_checkpointing)
+            name = f"stage{i + 1}"
+            if name in levels:
+                out[name] = x
+        return out
+
+    def embed(self, images):
+        return self.features(images, "stage4")["stage4"].mean(dim=(2, 3))
+
+    def tokens(self, images, layer=-1):
+        name = self.spec.feature_names[layer]
+        fmap = self.features(images, name)[name]
+        return Tokens(patches=fmap.flatten(2).transpose(1, 2), grid=tuple(fmap.shape[-2:]))
+
+    def stage_modules(self):
+        return [self.model.embedder, *self.model.encoder.stages]
+
+    def set_grad_checkpointing(self, enable=True):
+        self.grad_checkpointing = enable
+
+
+def build(spec: BackboneSpec) -> ResNet:
+    return ResNet(spec)
+
+
+_VARIANTS = {
+    # name: (block, depths, widths, stem, hub id)
+    "resnet18": ("basic", (2, 2, 2, 2), (64, 128, 256, 512), 64, "microsoft/resnet-18"),
+    "resnet34": ("basic", (3, 4, 6, 3), (64, 128, 256, 512), 64, "microsoft/resnet-34"),
+    "resnet50": ("bottleneck", (3, 4, 6, 3), (256, 512, 1024, 2048), 64, "microsoft/resnet-50"),
+    "resnet101": ("bottleneck", (3, 4, 23, 3), (256, 512, 1024, 2048), 64, "microsoft/resnet-101"),
+    "resnet152": ("bottleneck", (3, 8, 36, 3), (256, 512, 1024, 2048), 64, "microsoft/resnet-152"),
+    "resnet_test": ("bottleneck", (1, 1, 1, 1), (16, 32, 64, 128), 8, None),
+}
+
+
+def make_spec(name, block, depths, widths, stem, hub_id) -> BackboneSpec:
+    return BackboneSpec(
+        name=name, family=FAMILY, builder=f"{__name__}:build",
+        input=InputSpec(min_size=32),
+        features=[FeatureInfo(f"stage{i + 1}", w, 4 * 2**i) for i, w in enumerate(widths)],
+        embed_dim=widths[-1], hub_id=hub_id, is_test=hub_id is None,
+        config={"block": block, "depths": depths, "widths": widths, "stem_width": stem},
+        description=f"ResNet-{name[6:]} ({block} blocks)" if hub_id else "tiny ResNet for tests",
+    )
+
+
+@hookimpl
+def register_backbones(register):
+    for name, args in _VARIANTS.items():
+        register(make_spec(name, *args))
+
+
+# -- checkpoint conversion -------------------------------------------------------------------------
+def _torchvision_rules(block: str):
+    convs = ("conv1", "conv2", "conv3") if block == "bottleneck" else ("conv1", "conv2")
+    rules = [
+        (r"^conv1\.", "model.embedder.embedder.convolution."),
+        (r"^bn1\.", "model.embedder.embedder.normalization."),
+        (r"^layer(\d)\.", lambda m: f"model.encoder.stages.{int(m.group(1)) - 1}.layers."),
+        (r"\.downsample\.0\.", ".shortcut.convolution."),
+        (r"\.downsample\.1\.", ".shortcut.normalization."),
+    ]
+    for i, _ in enumerate(convs):
+        rules += [(rf"(layers\.\d+)\.conv{i + 1}\.", rf"\1.layer.{i}.convolution."),
+                  (rf"(layers\.\d+)\.bn{i + 1}\.", rf"\1.layer.{i}.normalization.")]
+    return rules
+
+
+def convert(spec: BackboneSpec, state, source_format):
+    if source_format in (None, "torchvision", "timm") and has_keys(state, "conv1.", "layer1."):
+        return rename(state, _torchvision_rules(spec.config["block"]), drop=[r"^fc\.", r"^num_batches"]), \
+            source_format or "torchvision"
+    if source_format in (None, "transformers") and has_keys(state, "resnet.embedder."):
+        state = strip_prefixes(state, ["resnet."])
+        return {f"model.{k}": v for k, v in state.items() if not k.startswith("classifier.")}, "transformers"
+    if source_format in (None, "transformers") and has_keys(state, "embedder.", "encoder."):
+        return {f"model.{k}": v for k, v in state.items() if not k.startswith("pooler")}, "transformers"
+    return None
+
+
+@hookimpl
+def convert_checkpoint(spec, state_dict, source_format):
+    if spec.family != FAMILY:
+        return None
+    return convert(spec, state_dict, source_format)

@@ -1,0 +1,148 @@
+"""Plain Vision Transformers: ViT (Dosovitskiy et al. 2020, https://arxiv.org/abs/2010.11929),
+DeiT (Touvron et al. 2020, https://arxiv.org/abs/2012.12877) and DINO v1
+(Caron et al. 2021, https://arxiv.org/abs/2104.14294), on transformers' ``ViTModel``/``DeiTModel``.
+
+Features ``block{i}`` (every block, stride = patch size); ``embed`` is the final-normed CLS token
+(mean of CLS and distillation tokens for distilled DeiT, as timm and the DeiT paper do);
+``pyramid`` is a simple feature pyramid. Weights: transformers hub checkpoints and timm state dicts.
+"""
+
+from __future__ import annotations
+
+from ..hookspecs import hookimpl
+from ..specs import IMAGENET_MEAN, IMAGENET_STD, BackboneSpec, InputSpec
+from ._common import has_keys, hf_model, rename, split_qkv, strip_prefixes
+from ._plainvit import PlainViT, block_features
+
+FAMILY = "vit"
+
+
+class ViT(PlainViT):
+    """transformers ``ViTModel`` (or ``DeiTModel`` when distilled) behind the backbone_sdk interface."""
+
+    def __init__(self, spec: BackboneSpec):
+        super().__init__(spec)
+        cfg = spec.config
+        self.distilled = cfg.get("distilled", False)
+        self.num_prefix_tokens = 2 if self.distilled else 1
+        if self.distilled:
+            from transformers import DeiTConfig as Config, DeiTModel as Model
+        else:
+            from transformers import ViTConfig as Config, ViTModel as Model
+        config = Config(
+            hidden_size=cfg["dim"], num_hidden_layers=cfg["depth"], num_attention_heads=cfg["heads"],
+            intermediate_size=cfg["dim"] * cfg.get("mlp_ratio", 4), image_size=spec.input.image_size[0],
+            patch_size=spec.input.patch_size, layer_norm_eps=cfg.get("layer_norm_eps", 1e-6), qkv_bias=True,
+        )
+        self.model = hf_model(Model, config, add_pooling_layer=False)
+        self.blocks = self.model.layers
+
+    def embed_tokens(self, images):
+        return self.model.embeddings(images, interpolate_pos_encoding=True)
+
+    def call_block(self, block, x):
+        return block(x, None)
+
+    def final_norm(self, x):
+        return self.model.layernorm(x)
+
+    def stem(self):
+        return self.model.embeddings
+
+    def embed(self, images):
+        x = self.last_hidden_state(images)
+        return (x[:, 0] + x[:, 1]) / 2 if self.distilled else x[:, 0]
+
+
+def build(spec: BackboneSpec) -> ViT:
+    return ViT(spec)
+
+
+_SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}
+_HALF = (0.5, 0.5, 0.5)
+
+# name: (size, patch, resolution, mean, std, hub id, layer-norm eps, distilled, description)
+_VARIANTS = {
+    "vit_small_patch16_224": ("small", 16, 224, _HALF, _HALF, "timm/vit_small_patch16_224.augreg_in21k_ft_in1k", 1e-6, False, "ViT-S/16"),
+    "vit_small_patch16_384": ("small", 16, 384, _HALF, _HALF, "timm/vit_small_patch16_384.augreg_in21k_ft_in1k", 1e-6, False, "ViT-S/16 @384"),
+    "vit_base_patch16_224": ("base", 16, 224, _HALF, _HALF, "google/vit-base-patch16-224", 1e-12, False, "ViT-B/16"),
+    "vit_base_patch16_384": ("base", 16, 384, _HALF, _HALF, "google/vit-base-patch16-384", 1e-12, False, "ViT-B/16 @384"),
+    "vit_base_patch32_224": ("base", 32, 224, _HALF, _HALF, "google/vit-base-patch32-224-in21k", 1e-12, False, "ViT-B/32"),
+    "vit_base_patch32_384": ("base", 32, 384, _HALF, _HALF, "google/vit-base-patch32-384", 1e-12, False, "ViT-B/32 @384"),
+    "vit_large_patch16_224": ("large", 16, 224, _HALF, _HALF, "google/vit-large-patch16-224", 1e-12, False, "ViT-L/16"),
+    "vit_large_patch16_384": ("large", 16, 384, _HALF, _HALF, "google/vit-large-patch16-384", 1e-12, False, "ViT-L/16 @384"),
+    "deit_tiny_patch16_224": ("tiny", 16, 224, IMAGENET_MEAN, IMAGENET_STD, "facebook/deit-tiny-patch16-224", 1e-12, False, "DeiT-Ti/16"),
+    "deit_small_patch16_224": ("small", 16, 224, IMAGENET_MEAN, IMAGENET_STD, "facebook/deit-small-patch16-224", 1e-12, False, "DeiT-S/16"),
+    "deit_base_patch16_224": ("base", 16, 224, IMAGENET_MEAN, IMAGENET_STD, "facebook/deit-base-patch16-224", 1e-12, False, "DeiT-B/16"),
+    "deit_base_patch16_384": ("base", 16, 384, IMAGENET_MEAN, IMAGENET_STD, "facebook/deit-base-patch16-384", 1e-12, False, "DeiT-B/16 @384"),
+    "deit_tiny_distilled_patch16_224": ("tiny", 16, 224, IMAGENET_MEAN, IMAGENET_STD, "facebook/deit-tiny-distilled-patch16-224", 1e-12, True, "DeiT-Ti/16 distilled"),
+    "deit_small_distilled_patch16_224": ("small", 16, 224, IMAGENET_MEAN, IMAGENET_STD, "facebook/deit-small-distilled-patch16-224", 1e-12, True, "DeiT-S/16 distilled"),
+    "deit_base_distilled_patch16_224": ("base", 16, 224, IMAGENET_MEAN, IMAGENET_STD, "facebook/deit-base-distilled-patch16-224", 1e-12, True, "DeiT-B/16 distilled"),
+    "deit_base_distilled_patch16_384": ("base", 16, 384, IMAGENET_MEAN, IMAGENET_STD, "facebook/deit-base-distilled-patch16-384", 1e-12, True, "DeiT-B/16 distilled @384"),
+    "dino_vits16": ("small", 16, 224, IMAGENET_MEAN, IMAGENET_STD, "facebook/dino-vits16", 1e-6, False, "DINO ViT-S/16"),
+    "dino_vits8": ("small", 8, 224, IMAGENET_MEAN, IMAGENET_STD, "facebook/dino-vits8", 1e-6, False, "DINO ViT-S/8"),
+    "dino_vitb16": ("base", 16, 224, IMAGENET_MEAN, IMAGENET_STD, "facebook/dino-vitb16", 1e-6, False, "DINO ViT-B/16"),
+    "dino_vitb8": ("base", 8, 224, IMAGENET_MEAN, IMAGENET_STD, "facebook/dino-vitb8", 1e-6, False, "DINO ViT-B/8"),
+}
+
+
+def make_spec(name, size, patch, res, mean, std, hub_id, eps, distilled, description, *, test=False, dims=None, pyramid=256):
+    dim, depth, heads = dims or _SIZES[size]
+    return BackboneSpec(
+        name=name, family=FAMILY, builder=f"{__name__}:build",
+        input=InputSpec(mean=mean, std=std, image_size=res, patch_size=patch, size_divisibility=patch, min_size=patch),
+        features=block_features(dim, depth, patch), embed_dim=dim, hub_id=hub_id, plain=True, is_test=test,
+        config={"dim": dim, "depth": depth, "heads": heads, "layer_norm_eps": eps, "distilled": distilled,
+                "pyramid_channels": pyramid},
+        description=description,
+    )
+
+
+@hookimpl
+def register_backbones(register):
+    for name, args in _VARIANTS.items():
+        register(make_spec(name, *args))
+    tiny = (None, 8, 32, IMAGENET_MEAN, IMAGENET_STD, None, 1e-6)
+    register(make_spec("vit_test", *tiny, False, "tiny ViT for tests", test=True, dims=(32, 3, 2), pyramid=16))
+    register(make_spec("deit_distilled_test", *tiny, True, "tiny distilled DeiT for tests", test=True, dims=(32, 2, 2), pyramid=16))
+
+
+# -- checkpoint conversion -------------------------------------------------------------------------
+_TIMM_RULES = [
+    (r"^cls_token$", "model.embeddings.cls_token"),
+    (r"^dist_token$", "model.embeddings.distillation_token"),
+    (r"^pos_embed$", "model.embeddings.position_embeddings"),
+    (r"^patch_embed\.proj\.", "model.embeddings.patch_embeddings.projection."),
+    (r"^blocks\.(\d+)\.norm1\.", r"model.layers.\1.layernorm_before."),
+    (r"^blocks\.(\d+)\.norm2\.", r"model.layers.\1.layernorm_after."),
+    (r"^blocks\.(\d+)\.attn\.proj\.", r"model.layers.\1.attention.o_proj."),
+    (r"^blocks\.(\d+)\.attn\.qkv\.", r"model.layers.\1.attention.qkv."),
+    (r"^blocks\.(\d+)\.mlp\.", r"model.layers.\1.mlp."),
+    (r"^norm\.", "model.layernorm."),
+]
+
+
+def convert_timm(state):
+    state = rename(state, _TIMM_RULES, drop=[r"^head", r"^fc_norm\.", r"^pre_logits"])
+    for kind in ("weight", "bias"):
+        state = split_qkv(state, f".qkv.{kind}", lambda p: tuple(f"{p}.{c}_proj.{kind}" for c in "qkv"))
+    return state
+
+
+def convert_transformers(state):
+    state = strip_prefixes(state, ["vit.", "deit."])
+    drop = ("pooler.", "classifier.", "distillation_classifier.", "cls_classifier.")
+    return {f"model.{k}": v for k, v in state.items() if not k.startswith(drop)}
+
+
+@hookimpl
+def convert_checkpoint(spec, state_dict, source_format):
+    if spec.family != FAMILY:
+        return None
+    if source_format in (None, "timm") and has_keys(state_dict, "patch_embed.proj.", "blocks.0."):
+        return convert_timm(state_dict), "timm"
+    if source_format in (None, "transformers") and (
+        has_keys(state_dict, "embeddings.") or has_keys(state_dict, "vit.") or has_keys(state_dict, "deit.")
+    ):
+        return convert_transformers(state_dict), "transformers"
+    return None

@@ -1,0 +1,81 @@
+"""Turning PIL images and uint8 arrays into normalized float batches."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import InputDtypeError, InputShapeError
+from .specs import BackboneSpec, InputSpec
+
+__all__ = ["preprocess", "load_image"]
+
+
+def load_image(path) -> "np.ndarray":
+    """Read an image file as an RGB ``uint8`` array ``[H, W, 3]``."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+def _to_chw_float(image) -> torch.Tensor:
+    if hasattr(image, "convert") and hasattr(image, "size"):  # PIL.Image
+        image = np.asarray(image.convert("RGB"))
+    tensor = torch.as_tensor(np.asarray(image)) if not isinstance(image, torch.Tensor) else image
+    if tensor.dim() == 2:
+        tensor = tensor.unsqueeze(-1).expand(-1, -1, 3)
+    if tensor.dim() != 3:
+        raise InputShapeError(f"expected an image [H, W, 3] or [3, H, W], got shape {tuple(tensor.shape)}")
+    if tensor.shape[-1] in (3, 4) and tensor.shape[0] not in (3, 4):
+        tensor = tensor[..., :3].permute(2, 0, 1)
+    if tensor.shape[0] != 3:
+        raise InputShapeError(f"expected 3 (RGB) channels, got shape {tuple(tensor.shape)}")
+    if tensor.dtype == torch.uint8:
+        return tensor.float().div_(255.0)
+    if tensor.is_floating_point():
+        return tensor.float()
+    raise InputDtypeError(f"images must be uint8 (0-255) or float (0-1), got {tensor.dtype}")
+
+
+def _resize_crop(img: torch.Tensor, size: tuple[int, int], mode: str, spec: InputSpec) -> torch.Tensor:
+    h, w = img.shape[-2:]
+    if mode == "resize":
+        return F.interpolate(img[None], size=size, mode="bicubic", antialias=True, align_corners=False)[0]
+    if mode == "crop":
+        scale = max(size[0] / h, size[1] / w) / spec.crop_pct
+        new = (max(size[0], round(h * scale)), max(size[1], round(w * scale)))
+        img = F.interpolate(img[None], size=new, mode="bicubic", antialias=True, align_corners=False)[0]
+        top, left = (new[0] - size[0]) // 2, (new[1] - size[1]) // 2
+        return img[:, top:top + size[0], left:left + size[1]]
+    if mode == "pad":  # keep aspect: fit inside ``size`` and pad with the mean colour
+        scale = min(size[0] / h, size[1] / w)
+        new = (max(1, round(h * scale)), max(1, round(w * scale)))
+        img = F.interpolate(img[None], size=new, mode="bicubic", antialias=True, align_corners=False)[0]
+        canvas = torch.tensor(spec.mean).view(3, 1, 1).expand(3, *size).clone()
+        top, left = (size[0] - new[0]) // 2, (size[1] - new[1]) // 2
+        canvas[:, top:top + new[0], left:left + new[1]] = img
+        return canvas
+    raise ValueError(f"unknown mode {mode!r}; use 'crop', 'resize' or 'pad'")
+
+
+def preprocess(images, spec: BackboneSpec | InputSpec, size=None, mode: str = "crop") -> torch.Tensor:
+    """PIL images, ``uint8`` arrays/tensors (HWC or CHW) or 0-1 floats → ``[B, 3, H, W]`` normalized.
+
+    ``mode``: ``"crop"`` (resize the short side, center-crop, as in ImageNet evaluation),
+    ``"resize"`` (stretch to ``size``) or ``"pad"`` (fit and pad with the mean colour).
+    ``size`` defaults to the spec's ``image_size``.
+    """
+    spec = spec.input if isinstance(spec, BackboneSpec) else spec
+    size = spec.image_size if size is None else ((size, size) if isinstance(size, int) else tuple(size))
+    if isinstance(images, torch.Tensor) and images.dim() == 4 or isinstance(images, np.ndarray) and images.ndim == 4:
+        images = list(images)
+    elif not isinstance(images, Sequence):
+        images = [images]
+    batch = torch.stack([_resize_crop(_to_chw_float(img), size, mode, spec) for img in images])
+    mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std).view(1, 3, 1, 1)
+    return (batch.clamp_(0.0, 1.0) - mean) / std

@@ -1,0 +1,250 @@
+"""Finding, reading, converting and loading checkpoints; saving them as safetensors.
+
+Loading never executes pickled code: ``.pt``/``.pth``/``.bin`` files are read with
+``torch.load(weights_only=True)``; safetensors is preferred whenever a source offers both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import attrs
+import torch
+
+from .errors import CheckpointError, CheckpointMismatchError
+
+__all__ = ["LoadReport", "resolve_checkpoint", "read_state_dict", "load_weights", "save_weights"]
+
+log = logging.getLogger(__name__)
+_HUB_ID = re.compile(r"^[\w.\-]+/[\w.\-]+(@[\w.\-/]+)?$")
+_WRAPPERS = ("state_dict", "model", "module", "model_state_dict", "net")
+_LIST_LIMIT = 8
+
+
+@attrs.frozen
+class LoadReport:
+    """What a load did: the detected format and every key that did not line up."""
+
+    source: str
+    format: str
+    missing: tuple[str, ...] = ()
+    unexpected: tuple[str, ...] = ()
+    mismatched: tuple[str, ...] = ()
+    initialized: tuple[str, ...] = ()
+
+    @property
+    def exact(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def __str__(self) -> str:
+        lines = [f"loaded {self.source} (format: {self.format})"]
+        for label, keys in (
+            ("missing", self.missing),
+            ("unexpected", self.unexpected),
+            ("shape mismatch", self.mismatched),
+            ("not in checkpoint, randomly initialized (expected)", self.initialized),
+        ):
+            if keys:
+                lines.append(f"  {label} ({len(keys)}): {_short(keys)}")
+        return "\n".join(lines)
+
+
+def _short(keys) -> str:
+    keys = list(keys)
+    more = f", ... (+{len(keys) - _LIST_LIMIT} more)" if len(keys) > _LIST_LIMIT else ""
+    return ", ".join(keys[:_LIST_LIMIT]) + more
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _files_in(directory: Path) -> list[Path]:
+    for pattern in ("*.safetensors", "*.pth", "*.pt", "*.bin"):
+        found = sorted(p for p in directory.glob(pattern) if p.is_file())
+        if found:
+            return found
+    raise CheckpointError(
+        f"{directory} holds no checkpoint (*.safetensors, *.pth, *.pt or *.bin); "
+        "pass the checkpoint file itself or a directory in the Hugging Face hub layout."
+    )
+
+
+def _download(hub_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:  # pragma: no cover - huggingface_hub comes with transformers
+        raise CheckpointError("loading hub ids needs huggingface_hub: pip install huggingface_hub") from exc
+    repo, _, revision = hub_id.partition("@")
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    try:
+        path = snapshot_download(repo, revision=revision or None, allow_patterns=["*.safetensors", "*.json"],
+                                 local_files_only=offline)
+        if not list(Path(path).glob("*.safetensors")):
+            path = snapshot_download(repo, revision=revision or None, allow_patterns=["*.bin", "*.pth", "*.json"],
+                                     local_files_only=offline)
+    except Exception as exc:
+        mode = "offline mode (HF_HUB_OFFLINE=1) and it is not in the local cache" if offline else "download failed"
+        raise CheckpointError(
+            f"could not fetch {hub_id!r} from the Hugging Face hub: {mode} ({type(exc).__name__}: {exc}). "
+            "Download it elsewhere and pass the local directory or file instead."
+        ) from exc
+    return Path(path)
+
+
+def resolve_checkpoint(source: str | os.PathLike) -> list[Path]:
+    """Checkpoint files for a local file, a hub-layout directory or a hub id (``org/name[@rev]``)."""
+    path = Path(os.fspath(source)).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        return _files_in(path)
+    text = os.fspath(source)
+    if _HUB_ID.match(text) and not text.startswith((".", "/")):
+        return _files_in(_download(text))
+    raise CheckpointError(f"checkpoint {text!r} not found: it is neither an existing file or directory nor a hub id.")
+
+
+def _read_file(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(
+            f"{path} could not be read with torch.load(weights_only=True) ({type(exc).__name__}): it holds "
+            "pickled objects other than tensors. Load it in trusted code and re-save only its state dict "
+            "(torch.save(ckpt['state_dict'], 'weights.pt')) or convert it to safetensors."
+        ) from exc
+    return _unwrap(obj, path)
+
+
+def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    while isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        inner = next((obj[k] for k in _WRAPPERS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            break
+        obj = inner
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path} does not hold a state dict (found {type(obj).__name__}).")
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{path} holds no tensors; top-level keys: {_short(obj)}")
+    return tensors
+
+
+def read_state_dict(source, sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """Read every tensor of a checkpoint (all shards) into one CPU state dict."""
+    files = resolve_checkpoint(source)
+    if sha256 is not None:
+        if len(files) != 1:
+            raise CheckpointError(f"sha256 verification needs a single file, {source} has {len(files)}")
+        actual = _sha256(files[0])
+        if actual.lower() != sha256.lower():
+            raise CheckpointError(f"sha256 mismatch for {files[0]}: expected {sha256}, got {actual}. "
+                                  "The file is corrupt or not the one you meant.")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(_read_file(f))
+    return _strip_prefix(state, "module.")
+
+
+def _strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    if state and all(k.startswith(prefix) for k in state):
+        return {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def _convert(backbone, state: dict[str, torch.Tensor], weights_format: str | None):
+    native = backbone.state_dict()
+    if weights_format in ("native", "backbone_sdk"):
+        return state, "native"
+    if weights_format is None:
+        overlap = sum(k in native for k in state) / max(len(state), 1)
+        if overlap >= 0.9:
+            return state, "native"
+    from .registry import registry
+
+    result = registry.pm.hook.convert_checkpoint(spec=backbone.spec, state_dict=state, source_format=weights_format)
+    if result is not None:
+        return result
+    if weights_format is not None:
+        raise CheckpointError(
+            f"no plugin converts {weights_format!r} checkpoints for {backbone.spec.name} "
+            f"(family {backbone.spec.family!r}); leave weights_format unset to auto-detect."
+        )
+    return state, "unknown"
+
+
+def compare_keys(backbone, state: Mapping[str, torch.Tensor]):
+    """``(missing, unexpected, mismatched, initialized)`` of ``state`` against the backbone."""
+    native = backbone.state_dict()
+    optional = tuple(getattr(backbone, "optional_key_prefixes", ()))
+    absent = [k for k in native if k not in state]
+    missing = tuple(k for k in absent if not k.startswith(optional))
+    initialized = tuple(k for k in absent if k.startswith(optional))
+    unexpected = tuple(k for k in state if k not in native)
+    mismatched = tuple(
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(native[k].shape)}"
+        for k, v in state.items() if k in native and v.shape != native[k].shape
+    )
+    return missing, unexpected, mismatched, initialized
+
+
+def load_state_dict(backbone, state, *, source="<state dict>", weights_format=None, strict=True) -> LoadReport:
+    """Convert (if foreign) and load an in-memory state dict, strictly by default."""
+    state, fmt = _convert(backbone, dict(state), weights_format)
+    missing, unexpected, mismatched, initialized = compare_keys(backbone, state)
+    report = LoadReport(os.fspath(source) if not isinstance(source, str) else source, fmt,
+                        missing, unexpected, mismatched, initialized)
+    if strict and not report.exact:
+        raise CheckpointMismatchError(
+            f"{backbone.spec.name}: checkpoint does not match the model.\n{report}\n"
+            "Fix: pass the right backbone name or weights_format (timm, torchvision, openai, dinov2, "
+            "transformers), or strict=False to load the matching keys and keep the rest as initialized.",
+            missing, unexpected, mismatched,
+        )
+    bad = {m.split(":")[0] for m in mismatched}
+    backbone.load_state_dict({k: v for k, v in state.items() if k not in bad}, strict=False)
+    if not report.exact:
+        log.warning("%s", report)
+    return report
+
+
+def load_weights(backbone, source, *, weights_format=None, strict=True, sha256=None) -> LoadReport:
+    """Load weights from a file, hub-layout directory, hub id or state dict into ``backbone``."""
+    if isinstance(source, Mapping):
+        return load_state_dict(backbone, source, weights_format=weights_format, strict=strict)
+    state = read_state_dict(source, sha256=sha256)
+    return load_state_dict(backbone, state, source=os.fspath(source), weights_format=weights_format, strict=strict)
+
+
+def save_weights(backbone, path: str | os.PathLike) -> Path:
+    """Write the backbone's state dict to ``path`` as safetensors, with its spec as metadata."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    seen: dict[tuple[int, int], str] = {}
+    tensors = {}
+    for key, value in backbone.state_dict().items():
+        value = value.detach().cpu().contiguous()
+        ident = (value.untyped_storage().data_ptr(), value.storage_offset())
+        tensors[key] = value.clone() if ident in seen else value
+        seen[ident] = key
+    meta = {"format": "pt", "backbone_sdk.name": backbone.spec.name,
+            "backbone_sdk.spec": json.dumps(backbone.spec.to_dict(), default=str)}
+    save_file(tensors, str(path), metadata=meta)
+    return path
