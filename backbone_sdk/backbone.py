@@ -32,6 +32,16 @@ class Backbone(nn.Module):
     def __init__(self, spec: BackboneSpec):
         super().__init__()
         self.spec = spec
+        #: modules kept in eval mode by ``train()`` (set by fine-tune policies: frozen parts, norms)
+        self.keep_eval: list[nn.Module] = []
+
+    def train(self, mode: bool = True):
+        """``nn.Module.train`` that keeps frozen parts and evaluated norms (``norm_eval``) in eval mode."""
+        super().train(mode)
+        if mode:
+            for module in self.keep_eval:
+                module.eval()
+        return self
 
     # -- metadata ----------------------------------------------------------------------------
     @property

@@ -1,0 +1,162 @@
+"""Fine-tuning policies shared by every integration (Detectron2, mmseg, VLM): one meaning everywhere.
+
+Policies (strings or :class:`FinetunePolicy`):
+
+- ``"frozen"``: no parameter of the trunk gets gradients, the trunk stays in eval mode (dropout
+  off, BatchNorm statistics fixed). With no parameter requiring grad, autograd records nothing, so
+  no activations are kept. A ViT's simple feature pyramid is a neck, not trunk: it stays trainable.
+- ``"stages:N"`` / ``"blocks:N"``: freeze the stem and the first ``N`` stages (hierarchical nets) or
+  blocks (plain ViTs); ``stages:0`` freezes only the stem. Same numbering as mmseg's ``frozen_stages``;
+  detectron2's ``FREEZE_AT = N + 1``.
+- ``"none"``: train everything.
+
+``norm_eval=True`` keeps every BatchNorm in eval mode while training (frozen statistics).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable
+
+import attrs
+import torch
+from torch import nn
+
+from ..backbone import Backbone
+
+__all__ = ["FinetunePolicy", "apply_finetune", "param_groups", "layer_id", "add_lora", "NO_DECAY_PATTERN"]
+
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+#: parameters that get no weight decay besides 1-d ones (norms, biases)
+NO_DECAY_PATTERN = re.compile(
+    r"position_embedding|pos_embed|cls_token|class_embedding|register|mask_token|distillation_token|"
+    r"relative_position_bias_table|logit_scale"
+)
+
+
+@attrs.frozen
+class FinetunePolicy:
+    """Which parts of a backbone train. Parse strings with :meth:`parse`."""
+
+    mode: str = attrs.field(validator=attrs.validators.in_(("none", "frozen", "stages", "blocks")))
+    n: int = 0
+    norm_eval: bool = False
+
+    @classmethod
+    def parse(cls, policy: "str | FinetunePolicy | None", norm_eval: bool = False) -> "FinetunePolicy":
+        if isinstance(policy, FinetunePolicy):
+            return attrs.evolve(policy, norm_eval=policy.norm_eval or norm_eval)
+        text = (policy or "none").strip().lower()
+        mode, _, count = text.partition(":")
+        if mode in ("stages", "blocks"):
+            if not count.isdigit():
+                raise ValueError(f"fine-tune policy {policy!r}: write '{mode}:N' with N >= 0, e.g. '{mode}:1'")
+            return cls(mode, int(count), norm_eval)
+        if mode in ("none", "frozen") and not count:
+            return cls(mode, 0, norm_eval)
+        raise ValueError(f"unknown fine-tune policy {policy!r}; use 'frozen', 'stages:N', 'blocks:N' or 'none'")
+
+
+def _trunk_modules(backbone: Backbone) -> list[nn.Module]:
+    necks = [m for name, m in backbone.named_children() if name == "simple_pyramid" and m is not None]
+    return [m for m in backbone.children() if m not in necks]
+
+
+def frozen_modules(backbone: Backbone, policy: FinetunePolicy) -> list[nn.Module]:
+    """The modules ``policy`` freezes, in depth order."""
+    if policy.mode == "frozen":
+        return _trunk_modules(backbone)
+    if policy.mode in ("stages", "blocks"):
+        groups = backbone.stage_modules()
+        if policy.n > len(groups) - 1:
+            raise ValueError(
+                f"{backbone.spec.name} has {len(groups) - 1} {policy.mode}; cannot freeze {policy.n}. "
+                f"Use 'frozen' to freeze everything."
+            )
+        return groups[: policy.n + 1]
+    return []
+
+
+def apply_finetune(backbone: Backbone, policy="none", norm_eval: bool = False) -> Backbone:
+    """Apply a fine-tune policy in place (idempotent; re-applying resets earlier choices)."""
+    policy = FinetunePolicy.parse(policy, norm_eval)
+    for p in backbone.parameters():
+        p.requires_grad_(True)
+    frozen = frozen_modules(backbone, policy)
+    for module in frozen:
+        for p in module.parameters():
+            p.requires_grad_(False)
+    keep_eval = list(frozen)
+    if policy.norm_eval:
+        keep_eval += [m for m in backbone.modules() if isinstance(m, _BN)]
+    backbone.keep_eval = keep_eval
+    backbone.finetune_policy = policy
+    backbone.train(backbone.training)
+    return backbone
+
+
+def layer_id(backbone: Backbone, groups: list[nn.Module] | None = None) -> dict[str, int]:
+    """Parameter name → depth index (0 = stem); parameters outside every group get ``len(groups)``."""
+    groups = backbone.stage_modules() if groups is None else groups
+    owner = {id(p): i for i, g in enumerate(groups) for p in g.parameters()}
+    return {name: owner.get(id(p), len(groups)) for name, p in backbone.named_parameters()}
+
+
+def param_groups(backbone: Backbone, lr: float, layer_decay: float = 1.0, weight_decay: float = 0.0,
+                 extra_no_decay: Iterable[str] = ()) -> list[dict]:
+    """Optimizer parameter groups with layer-wise LR decay: ``lr * layer_decay ** (depth - layer)``.
+
+    Norm weights, biases, position embeddings and special tokens get no weight decay. Frozen
+    parameters are left out.
+    """
+    ids = layer_id(backbone)
+    depth = max(ids.values()) if ids else 0
+    no_decay = re.compile("|".join([NO_DECAY_PATTERN.pattern, *extra_no_decay]))
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in backbone.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = p.ndim > 1 and not no_decay.search(name)
+        key = (ids[name], decay)
+        if key not in groups:
+            scale = layer_decay ** (depth - ids[name])
+            groups[key] = {"params": [], "names": [], "lr": lr * scale, "lr_scale": scale,
+                           "weight_decay": weight_decay if decay else 0.0, "layer_id": ids[name]}
+        groups[key]["params"].append(p)
+        groups[key]["names"].append(name)
+    return [groups[k] for k in sorted(groups)]
+
+
+_LORA_TARGETS = r".*\.(q_proj|k_proj|v_proj|query|key|value|qkv)$"
+
+
+def add_lora(backbone: Backbone, r: int = 8, alpha: int = 16, dropout: float = 0.0,
+             target_modules: str | list[str] | None = None) -> Backbone:
+    """Inject LoRA adapters (via ``peft``) into the attention projections; only LoRA weights train.
+
+    The backbone keeps its class and interface; ``simple_pyramid`` (if any) stays trainable.
+    """
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError as exc:
+        raise ImportError("LoRA needs peft: pip install 'backbone-sdk[vlm]' (or pip install peft)") from exc
+    targets = target_modules or _LORA_TARGETS
+    if isinstance(targets, str) and not any(
+        isinstance(m, nn.Linear) and re.fullmatch(targets, n) for n, m in backbone.named_modules()
+    ):
+        raise ValueError(f"{backbone.spec.name} has no attention projections matching {targets!r} for LoRA")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets)
+    inject_adapter_in_model(config, backbone)
+    for name, p in backbone.named_parameters():
+        p.requires_grad_("lora_" in name or name.startswith("simple_pyramid."))
+    return backbone
+
+
+def trainable_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def grads_enabled(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
