@@ -19,7 +19,7 @@ from .errors import (
 from .factory import create_backbone
 from .hookspecs import hookimpl
 from .preprocess import load_image, preprocess
-from .registry import get_spec, list_backbones, plugin_report, registry
+from .registry import default_registry, get_spec, list_backbones, plugin_report, register_plugin, unregister_plugin
 from .specs import BackboneSpec, FeatureInfo, InputSpec, Tokens
 from .weights import LoadReport, load_weights, save_weights
 
@@ -49,6 +49,8 @@ __all__ = [
     "load_weights",
     "plugin_report",
     "preprocess",
-    "registry",
+    "register_plugin",
+    "unregister_plugin",
+    "default_registry",
     "save_weights",
 ]

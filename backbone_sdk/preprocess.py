@@ -23,15 +23,21 @@ def load_image(path) -> "np.ndarray":
 
 
 def _to_chw_float(image) -> torch.Tensor:
+    """Arrays and PIL images are HWC (the imaging convention); torch tensors are CHW unless HWC is obvious."""
     if hasattr(image, "convert") and hasattr(image, "size"):  # PIL.Image
-        image = np.asarray(image.convert("RGB"))
-    tensor = torch.as_tensor(np.asarray(image)) if not isinstance(image, torch.Tensor) else image
+        image = image.convert("RGB")
+    channels_first = isinstance(image, torch.Tensor)
+    tensor = image if channels_first else torch.from_numpy(np.array(image))
     if tensor.dim() == 2:
-        tensor = tensor.unsqueeze(-1).expand(-1, -1, 3)
+        tensor, channels_first = tensor.unsqueeze(-1).expand(-1, -1, 3), False
     if tensor.dim() != 3:
         raise InputShapeError(f"expected an image [H, W, 3] or [3, H, W], got shape {tuple(tensor.shape)}")
-    if tensor.shape[-1] in (3, 4) and tensor.shape[0] not in (3, 4):
+    if channels_first and tensor.shape[0] not in (1, 3) and tensor.shape[-1] in (3, 4):
+        channels_first = False
+    if not channels_first:
         tensor = tensor[..., :3].permute(2, 0, 1)
+    if tensor.shape[0] == 1:
+        tensor = tensor.expand(3, -1, -1)
     if tensor.shape[0] != 3:
         raise InputShapeError(f"expected 3 (RGB) channels, got shape {tuple(tensor.shape)}")
     if tensor.dtype == torch.uint8:

@@ -24,7 +24,10 @@ from .errors import PluginError, UnknownBackboneError
 from .hookspecs import PROJECT_NAME, BackboneSpecs
 from .specs import BackboneSpec
 
-__all__ = ["PluginRecord", "Registry", "registry", "plugin_report", "list_backbones", "get_spec"]
+__all__ = [
+    "PluginRecord", "Registry", "default_registry", "plugin_report", "list_backbones", "get_spec",
+    "register_plugin", "unregister_plugin",
+]
 
 log = logging.getLogger(__name__)
 DISABLE_ENV = "BACKBONE_SDK_DISABLE_PLUGINS"
@@ -191,19 +194,29 @@ def _check_spec(spec) -> BackboneSpec:
     return spec
 
 
-registry = Registry()
+default_registry = Registry()
 
 
 def list_backbones(pattern: str = "*", include_test: bool = True) -> list[str]:
     """Sorted names of registered backbones matching a glob ``pattern`` (e.g. ``"vit_*"``)."""
-    return registry.names(pattern, include_test=include_test)
+    return default_registry.names(pattern, include_test=include_test)
 
 
 def get_spec(name: str) -> BackboneSpec:
     """The :class:`BackboneSpec` registered as ``name``; unknown names list the closest matches."""
-    return registry.get(name)
+    return default_registry.get(name)
 
 
 def plugin_report() -> list[PluginRecord]:
     """Every discovered plugin with its distribution, version, backbones and error (if any)."""
-    return registry.records()
+    return default_registry.records()
+
+
+def register_plugin(plugin, name: str | None = None) -> PluginRecord:
+    """Register an in-process plugin (a module or object with ``@hookimpl`` functions)."""
+    return default_registry.register_plugin(plugin, name)
+
+
+def unregister_plugin(name: str) -> None:
+    """Remove a plugin registered with :func:`register_plugin` and its backbones."""
+    default_registry.unregister_plugin(name)

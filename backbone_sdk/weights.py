@@ -175,9 +175,9 @@ def _convert(backbone, state: dict[str, torch.Tensor], weights_format: str | Non
         overlap = sum(k in native for k in state) / max(len(state), 1)
         if overlap >= 0.9:
             return state, "native"
-    from .registry import registry
+    from .registry import default_registry
 
-    result = registry.pm.hook.convert_checkpoint(spec=backbone.spec, state_dict=state, source_format=weights_format)
+    result = default_registry.pm.hook.convert_checkpoint(spec=backbone.spec, state_dict=state, source_format=weights_format)
     if result is not None:
         return result
     if weights_format is not None:

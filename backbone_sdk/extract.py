@@ -1,0 +1,60 @@
+"""Batch extraction of embeddings (and optionally maps) for a list of image files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .factory import create_backbone
+from .preprocess import load_image, preprocess
+
+__all__ = ["run_extraction", "read_extraction"]
+
+
+def _batches(items: Sequence, size: int):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def run_extraction(paths: Sequence[Path], name: str, weights=None, output: Path = Path("embeddings.safetensors"), *,
+                   batch_size: int = 8, size: int | None = None, maps: str = "none", device: str = "cpu",
+                   progress: bool = False) -> dict:
+    """Embed ``paths`` with backbone ``name`` and write ``embeddings`` [N, D] (+ maps) to ``output``.
+
+    The safetensors metadata holds the image paths (``paths``, JSON) and the backbone name.
+    """
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    model = create_backbone(name, weights=weights).to(device).eval()
+    tensors: dict[str, list[torch.Tensor]] = {"embeddings": []}
+    bar = tqdm(total=len(paths), unit="img", disable=not progress)
+    with torch.inference_mode():
+        for chunk in _batches(list(paths), batch_size):
+            batch = preprocess([load_image(p) for p in chunk], model.spec, size=size).to(device)
+            tensors["embeddings"].append(model.embed(batch).float().cpu())
+            if maps != "none":
+                out = model.pyramid(batch) if maps == "pyramid" else model.features(batch)
+                for key, value in out.items():
+                    tensors.setdefault(f"{maps}.{key}", []).append(value.float().cpu())
+            bar.update(len(chunk))
+    bar.close()
+    stacked = {k: torch.cat(v).contiguous() for k, v in tensors.items()}
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    meta = {"backbone": name, "weights": str(weights) if weights is not None else "random",
+            "paths": json.dumps([str(p) for p in paths])}
+    save_file(stacked, str(output), metadata=meta)
+    return {"count": len(paths), "dim": stacked["embeddings"].shape[1], "output": str(output)}
+
+
+def read_extraction(path) -> tuple[dict[str, torch.Tensor], list[str], dict[str, str]]:
+    """Read an extraction file back: ``(tensors, image_paths, metadata)``."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata()
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    return tensors, json.loads(meta["paths"]), meta

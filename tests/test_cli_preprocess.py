@@ -1,0 +1,83 @@
+"""The command line and image preprocessing."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+import backbone_sdk as bs
+from backbone_sdk.cli import main, sample_dir
+from backbone_sdk.extract import read_extraction
+
+
+def test_extract_defaults_on_bundled_samples(tmp_path):
+    out = tmp_path / "emb.safetensors"
+    result = CliRunner().invoke(main, ["extract", "-o", str(out), "--batch-size", "4"])
+    assert result.exit_code == 0, result.output
+    assert "RANDOM weights" in result.output
+    tensors, paths, meta = read_extraction(out)
+    samples = sorted(sample_dir().glob("*.png"))
+    assert [p.split("/")[-1] for p in paths] == [p.name for p in samples] and len(samples) >= 4
+    assert tensors["embeddings"].shape == (len(samples), bs.get_spec("resnet18").embed_dim)
+    assert meta["backbone"] == "resnet18" and meta["weights"] == "random"
+    assert torch.isfinite(tensors["embeddings"]).all()
+
+
+def test_extract_folder_with_maps_and_weights(tmp_path):
+    model = bs.create_backbone("resnet_test")
+    weights = bs.save_weights(model, tmp_path / "w.safetensors")
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((40 + i, 50, 3), 60 * i, np.uint8)).save(folder / f"{i}.jpg")
+    out = tmp_path / "o.safetensors"
+    result = CliRunner().invoke(main, ["extract", str(folder), "-b", "resnet_test", "-w", str(weights),
+                                       "-o", str(out), "--maps", "pyramid", "--size", "64"])
+    assert result.exit_code == 0, result.output
+    tensors, paths, _ = read_extraction(out)
+    assert len(paths) == 3 and tensors["pyramid.p5"].shape == (3, 128, 2, 2)
+    batch = bs.preprocess([bs.load_image(p) for p in paths], model.spec, size=64)
+    with torch.inference_mode():
+        torch.testing.assert_close(tensors["embeddings"], model.eval().embed(batch))
+
+
+def test_list_info_plugins_and_unknown_name():
+    runner = CliRunner()
+    listed = runner.invoke(main, ["list", "resnet*"])
+    assert listed.exit_code == 0 and "resnet50" in listed.output and "resnet_test" not in listed.output
+    info = runner.invoke(main, ["info", "resnet50"])
+    assert info.exit_code == 0 and "stage4" in info.output and "2048" in info.output
+    plugins = runner.invoke(main, ["plugins", "--json"])
+    assert {"resnet", "vit"} <= {r["name"] for r in json.loads(plugins.stdout)}
+    bad = runner.invoke(main, ["info", "resnet5"])
+    assert bad.exit_code == 1 and "Did you mean" in bad.output and "Traceback" not in bad.output
+
+
+def test_info_parameter_count_matches_real_model():
+    model = bs.create_backbone("resnet18")
+    count = sum(p.numel() for p in model.parameters())
+    out = CliRunner().invoke(main, ["info", "resnet18"]).output
+    assert f"{count / 1e6:.2f} M" in out
+
+
+@pytest.mark.parametrize("mode", ["crop", "resize", "pad"])
+def test_preprocess_inputs(mode):
+    spec = bs.get_spec("resnet50")
+    img = np.random.default_rng(0).integers(0, 256, (30, 50, 3), dtype=np.uint8)
+    batch = bs.preprocess([img, Image.fromarray(img), torch.from_numpy(img).permute(2, 0, 1)], spec, size=32, mode=mode)
+    assert batch.shape == (3, 3, 32, 32) and batch.dtype == torch.float32
+    torch.testing.assert_close(batch[0], batch[1])
+    torch.testing.assert_close(batch[0], batch[2])
+
+
+def test_preprocess_normalizes_with_spec():
+    spec = bs.get_spec("resnet50")
+    white = np.full((8, 8, 3), 255, np.uint8)
+    out = bs.preprocess(white, spec, size=8, mode="resize")
+    expected = (1 - torch.tensor(spec.input.mean)) / torch.tensor(spec.input.std)
+    torch.testing.assert_close(out[0, :, 0, 0], expected)
+    pad = bs.preprocess(np.zeros((4, 8, 3), np.uint8), spec, size=8, mode="pad")
+    torch.testing.assert_close(pad[0, :, 0, 0], torch.zeros(3), atol=1e-6, rtol=0)  # padded with the mean colour

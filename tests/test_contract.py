@@ -1,0 +1,159 @@
+"""The interface contract, checked on every registered backbone (driven by what each spec declares)."""
+
+import math
+
+import pytest
+import torch
+
+import backbone_sdk as bs
+from conftest import full_names, tiny_names
+
+TINY = tiny_names()
+
+
+def _size(spec, scale=2):
+    """A small input the backbone can take: a multiple of the patch size and of the largest stride (32)."""
+    unit = math.lcm(spec.input.size_divisibility, 32)
+    return max(unit, spec.input.min_size) * scale
+
+
+@pytest.fixture(scope="module", params=TINY)
+def model(request):
+    return bs.create_backbone(request.param).eval()
+
+
+def test_every_family_has_a_tiny_variant():
+    families = {bs.get_spec(n).family for n in bs.list_backbones()}
+    assert families == {bs.get_spec(n).family for n in TINY}
+
+
+def test_features_match_feature_info(model):
+    spec = model.spec
+    h, w = _size(spec, 2), _size(spec, 3)
+    feats = model(torch.randn(2, 3, h, w))
+    assert list(feats) == list(spec.feature_names)
+    for info in model.feature_info:
+        fmap = feats[info.name]
+        assert fmap.shape[:2] == (2, info.channels), info
+        assert fmap.shape[-2:] == (-(-h // info.stride), -(-w // info.stride)), info
+
+
+def test_pyramid_strides_4_to_32(model):
+    h, w = _size(model.spec, 2), _size(model.spec, 3)
+    pyr = model.pyramid(torch.randn(1, 3, h, w))
+    assert list(pyr) == ["p2", "p3", "p4", "p5"]
+    for info in model.pyramid_info:
+        assert pyr[info.name].shape == (1, info.channels, h // info.stride, w // info.stride), info
+
+
+def test_embed_and_tokens(model):
+    x = torch.randn(2, 3, _size(model.spec), _size(model.spec))
+    emb = model.embed(x)
+    assert emb.shape == (2, model.spec.embed_dim)
+    tok = model.tokens(x)
+    assert tok.patches.shape[0] == 2 and tok.patches.shape[1] == tok.grid[0] * tok.grid[1]
+    if model.spec.plain:
+        assert tok.cls.shape == (2, model.spec.features[-1].channels)
+
+
+def test_early_stop_equals_full_pass(model):
+    x = torch.randn(1, 3, _size(model.spec), _size(model.spec))
+    full = model.features(x)
+    names = model.spec.feature_names
+    for name in (names[0], names[len(names) // 2]):
+        part = model.features(x, [name])
+        assert list(part) == [name]
+        torch.testing.assert_close(part[name], full[name], rtol=0, atol=0)
+
+
+def test_early_stop_runs_fewer_modules(model):
+    calls = []
+    groups = model.stage_modules()
+    hooks = [g.register_forward_hook(lambda *_, i=i: calls.append(i)) for i, g in enumerate(groups)]
+    try:
+        model.features(torch.randn(1, 3, _size(model.spec), _size(model.spec)), model.spec.feature_names[0])
+    finally:
+        for h in hooks:
+            h.remove()
+    assert max(calls) < len(groups) - 1
+
+
+def test_gradients_flow_and_checkpointing_matches():
+    for name in TINY:
+        model = bs.create_backbone(name).train()
+        x = torch.randn(2, 3, _size(model.spec), _size(model.spec))
+        torch.manual_seed(0)
+        loss = sum(v.float().pow(2).mean() for v in model.pyramid(x).values()) + model.embed(x).pow(2).mean()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        assert grads and all(torch.isfinite(g).all() for g in grads.values()), name
+        first = model.stage_modules()[0]
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in first.parameters()), name
+        model.zero_grad(set_to_none=True)
+        model.set_grad_checkpointing(True)
+        torch.manual_seed(0)
+        loss2 = sum(v.float().pow(2).mean() for v in model.pyramid(x).values()) + model.embed(x).pow(2).mean()
+        loss2.backward()
+        for n, p in model.named_parameters():
+            if n in grads:
+                torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-5, msg=f"{name}: {n}")
+
+
+def test_non_square_input(model):
+    h, w = _size(model.spec, 1), _size(model.spec, 3)
+    feats = model.features(torch.randn(1, 3, h, w))
+    last = model.feature_info[-1]
+    assert feats[last.name].shape[-2:] == (-(-h // last.stride), -(-w // last.stride))
+
+
+def test_bad_inputs_raise_sdk_errors(model):
+    s = _size(model.spec)
+    with pytest.raises(bs.InputShapeError, match="channels"):
+        model.features(torch.randn(1, 4, s, s))
+    with pytest.raises(bs.InputShapeError, match="permute"):
+        model.features(torch.randn(1, s, s, 3))
+    with pytest.raises(bs.InputShapeError, match="unsqueeze"):
+        model.features(torch.randn(3, s, s))
+    with pytest.raises(bs.InputDtypeError, match="preprocess"):
+        model.features(torch.zeros(1, 3, s, s, dtype=torch.uint8))
+    with pytest.raises(bs.InputDtypeError, match="weights"):
+        model.features(torch.randn(1, 3, s, s, dtype=torch.float64))
+    with pytest.raises(bs.InputShapeError, match="at least"):
+        model.features(torch.randn(1, 3, model.spec.input.min_size - 1, s))
+    with pytest.raises(bs.InputShapeError, match="no feature level"):
+        model.features(torch.randn(1, 3, s, s), ["nope"])
+    div = model.spec.input.size_divisibility
+    if div > 1:
+        with pytest.raises(bs.InputShapeError, match=f"divisible by {div}"):
+            model.features(torch.randn(1, 3, s + 1, s))
+
+
+def test_bf16_autocast(model):
+    x = torch.randn(1, 3, _size(model.spec), _size(model.spec))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        emb = model.embed(x)
+    assert torch.isfinite(emb.float()).all()
+
+
+@pytest.mark.parametrize("name", full_names())
+def test_full_size_variants_on_meta(name):
+    """Every published variant builds and runs shape inference without allocating weights."""
+    spec = bs.get_spec(name)
+    with torch.device("meta"):
+        model = bs.create_backbone(name)
+        h, w = spec.input.image_size
+        feats = model.features(torch.empty(1, 3, h, w))
+        emb = model.embed(torch.empty(1, 3, h, w))
+    for info in spec.features:
+        assert feats[info.name].shape == (1, info.channels, -(-h // info.stride), -(-w // info.stride))
+    assert emb.shape == (1, spec.embed_dim)
+
+
+def test_spec_metadata_is_consistent():
+    for name in bs.list_backbones():
+        spec = bs.get_spec(name)
+        strides = [f.stride for f in spec.features]
+        assert strides == sorted(strides), name
+        assert spec.plugin is not None and spec.name == name
+        if spec.plain:
+            assert spec.input.patch_size and spec.input.size_divisibility == spec.input.patch_size

@@ -1,0 +1,78 @@
+"""Fine-tune policies: one meaning for every family."""
+
+import pytest
+import torch
+
+import backbone_sdk as bs
+from backbone_sdk.adapters.finetune import FinetunePolicy, add_lora, apply_finetune, param_groups
+from conftest import tiny_names
+
+
+def _frozen_names(model):
+    return {n for n, p in model.named_parameters() if not p.requires_grad}
+
+
+@pytest.mark.parametrize("name", tiny_names())
+def test_frozen_trunk_gets_no_grads_and_stays_in_eval(name):
+    model = apply_finetune(bs.create_backbone(name), "frozen").train()
+    trunk = [n for n, _ in model.named_parameters() if not n.startswith("simple_pyramid.")]
+    assert _frozen_names(model) == set(trunk)
+    assert all(not m.training for c in model.children() if c is not getattr(model, "simple_pyramid", None)
+               for m in c.modules())
+    out = model.embed(torch.randn(1, 3, 64, 64) if model.spec.input.patch_size != 14 else torch.randn(1, 3, 56, 56))
+    assert not out.requires_grad  # no autograd graph, so no activations kept
+
+
+@pytest.mark.parametrize("name", tiny_names())
+def test_stages_n_freezes_stem_and_first_n(name):
+    model = bs.create_backbone(name)
+    groups = model.stage_modules()
+    mode = "blocks" if model.spec.plain else "stages"
+    apply_finetune(model, f"{mode}:1")
+    expected = {n for n, p in model.named_parameters()
+                if any(p is q for g in groups[:2] for q in g.parameters())}
+    assert _frozen_names(model) == expected and expected
+    apply_finetune(model, "none")
+    assert _frozen_names(model) == set()
+    with pytest.raises(ValueError, match="cannot freeze"):
+        apply_finetune(model, f"{mode}:{len(groups)}")
+
+
+def test_norm_eval_keeps_batchnorm_in_eval():
+    model = apply_finetune(bs.create_backbone("resnet_test"), "none", norm_eval=True).train()
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    stats = [b.running_mean.clone() for b in bns]
+    model.features(torch.randn(2, 3, 64, 64))
+    assert all(not b.training for b in bns)
+    assert all(torch.equal(b.running_mean, s) for b, s in zip(bns, stats))
+
+
+@pytest.mark.parametrize("text", ["stages", "stages:x", "freeze", "frozen:2"])
+def test_bad_policy_strings(text):
+    with pytest.raises(ValueError, match="policy"):
+        FinetunePolicy.parse(text)
+
+
+def test_layer_decay_groups():
+    model = bs.create_backbone("vit_test")
+    groups = param_groups(model, lr=1.0, layer_decay=0.5, weight_decay=0.1)
+    by_name = {n: g for g in groups for n in g["names"]}
+    depth = len(model.stage_modules())
+    assert by_name["model.embeddings.cls_token"]["lr"] == pytest.approx(0.5 ** depth)
+    assert by_name["model.embeddings.cls_token"]["weight_decay"] == 0.0
+    assert by_name["model.layers.0.attention.q_proj.weight"]["lr"] == pytest.approx(0.5 ** (depth - 1))
+    assert by_name["model.layers.0.attention.q_proj.weight"]["weight_decay"] == 0.1
+    assert by_name["model.layers.0.attention.q_proj.bias"]["weight_decay"] == 0.0
+    assert by_name["model.layernorm.weight"]["lr"] == pytest.approx(1.0)
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_lora_trains_only_adapters():
+    model = add_lora(bs.create_backbone("vit_test"), r=2)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or n.startswith("simple_pyramid.") for n in trainable)
+    assert any("q_proj.lora_A" in n for n in trainable)
+    model.embed(torch.randn(1, 3, 32, 32)).sum().backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n and not n.startswith("simple"))
+    with pytest.raises(ValueError, match="no attention projections"):
+        add_lora(bs.create_backbone("resnet_test"))

@@ -1,0 +1,212 @@
+"""Plugin discovery, failure isolation and the plugin report."""
+
+import importlib.metadata
+import json
+import subprocess
+import sys
+import textwrap
+import types
+
+import pytest
+import torch
+
+import backbone_sdk as bs
+from backbone_sdk.registry import Registry
+from backbone_sdk.specs import BackboneSpec, FeatureInfo
+
+
+class _Toy(bs.Backbone):
+    def __init__(self, spec):
+        super().__init__(spec)
+        self.conv = torch.nn.Conv2d(3, 4, 3, stride=2, padding=1)
+
+    def _features(self, images, levels):
+        return {"out": self.conv(images)}
+
+    def embed(self, images):
+        return self.features(images)["out"].mean((2, 3))
+
+
+def toy_spec(name="toy_net"):
+    return BackboneSpec(name=name, family="toy", builder=_Toy, features=[FeatureInfo("out", 4, 2)], embed_dim=4)
+
+
+def plugin(*names):
+    mod = types.SimpleNamespace()
+
+    @bs.hookimpl
+    def register_backbones(register):
+        for n in names:
+            register(toy_spec(n))
+
+    mod.register_backbones = register_backbones
+    return mod
+
+
+class FakeEntryPoint:
+    def __init__(self, name, target):
+        self.name, self.value, self.dist, self._target = name, f"fake.{name}", None, target
+
+    def load(self):
+        if isinstance(self._target, Exception):
+            raise self._target
+        return self._target
+
+
+def registry_with(*eps):
+    return Registry(entry_points=lambda: list(eps))
+
+
+def test_in_process_plugin_registers_and_unregisters():
+    bs.register_plugin(plugin("toy_inline"), name="inline")
+    try:
+        assert "toy_inline" in bs.list_backbones("toy_*")
+        model = bs.create_backbone("toy_inline")
+        assert model.embed(torch.randn(1, 3, 32, 32)).shape == (1, 4)
+        assert bs.get_spec("toy_inline").plugin == "inline"
+    finally:
+        bs.unregister_plugin("inline")
+    assert "toy_inline" not in bs.list_backbones()
+
+
+def test_plugin_failing_at_import_is_reported_and_skipped():
+    reg = registry_with(FakeEntryPoint("broken", ImportError("no module named nonexistent")),
+                        FakeEntryPoint("good", plugin("toy_a")))
+    assert reg.names() == ["toy_a"]
+    rec = {r.name: r for r in reg.records()}
+    assert "no module named nonexistent" in rec["broken"].error and rec["good"].ok
+
+
+def test_plugin_raising_in_register_is_reported_and_skipped():
+    bad = types.SimpleNamespace()
+
+    @bs.hookimpl
+    def register_backbones(register):
+        register(toy_spec("toy_half"))
+        raise RuntimeError("boom")
+
+    bad.register_backbones = register_backbones
+    reg = registry_with(FakeEntryPoint("bad", bad), FakeEntryPoint("good", plugin("toy_b")))
+    assert reg.names() == ["toy_b"]  # nothing of the failing plugin leaks in
+    assert "RuntimeError: boom" in {r.name: r for r in reg.records()}["bad"].error
+
+
+def test_plugin_registering_a_taken_name_is_skipped():
+    reg = registry_with(FakeEntryPoint("a_first", plugin("toy_same")), FakeEntryPoint("b_second", plugin("toy_same", "toy_c")))
+    assert reg.names() == ["toy_same"]
+    rec = {r.name: r for r in reg.records()}
+    assert "already taken" in rec["b_second"].error and "a_first" in rec["b_second"].error
+    assert reg.get("toy_same").plugin == "a_first"
+
+
+def test_plugin_with_misspelled_hook_is_reported():
+    bad = types.SimpleNamespace()
+
+    @bs.hookimpl
+    def register_backbone(register):  # missing "s"
+        pass
+
+    bad.register_backbone = register_backbone
+    reg = registry_with(FakeEntryPoint("typo", bad))
+    assert "register_backbone" in reg.records()[0].error
+
+
+def test_register_rejects_non_specs():
+    reg = registry_with(FakeEntryPoint("junk", plugin()))
+    junk = types.SimpleNamespace(register_backbones=bs.hookimpl(lambda register: register({"name": "x"})))
+    reg.register_plugin(junk, "junk2")
+    assert "BackboneSpec" in {r.name: r for r in reg.records()}["junk2"].error
+
+
+def test_disable_env_blocks_named_plugins(monkeypatch):
+    monkeypatch.setenv("BACKBONE_SDK_DISABLE_PLUGINS", "off, other")
+    reg = registry_with(FakeEntryPoint("off", plugin("toy_off")), FakeEntryPoint("on", plugin("toy_on")))
+    assert reg.names() == ["toy_on"]
+    assert {r.name: r.disabled for r in reg.records()} == {"off": True, "on": False}
+
+
+def test_entry_points_load_lazily_once():
+    calls = []
+
+    def eps():
+        calls.append(1)
+        return [FakeEntryPoint("good", plugin("toy_lazy"))]
+
+    reg = Registry(entry_points=eps)
+    assert calls == []
+    reg.names(), reg.names(), reg.get("toy_lazy")
+    assert calls == [1]
+
+
+def test_unknown_name_lists_close_matches():
+    with pytest.raises(bs.UnknownBackboneError, match="Did you mean: resnet50") as info:
+        bs.create_backbone("resnet_50")
+    assert isinstance(info.value, KeyError) and "resnet50" in info.value.close
+
+
+def test_builtin_plugins_come_through_entry_points():
+    report = {r.name: r for r in bs.plugin_report()}
+    eps = {ep.name for ep in importlib.metadata.entry_points(group="backbone_sdk")}
+    assert {"resnet", "vit", "swin", "dinov2", "clip"} <= eps
+    for name in ("resnet", "vit", "swin", "dinov2", "clip"):
+        assert report[name].ok, report[name].error
+        assert report[name].distribution == "backbone-sdk" and report[name].backbones
+
+
+PLUGIN_SRC = '''
+import torch
+import backbone_sdk as bs
+from backbone_sdk.specs import BackboneSpec, FeatureInfo
+
+class Pooled(bs.Backbone):
+    def __init__(self, spec):
+        super().__init__(spec)
+        self.proj = torch.nn.Conv2d(3, 8, 4, stride=4)
+    def _features(self, images, levels):
+        return {"stage1": self.proj(images)}
+    def embed(self, images):
+        return self.features(images)["stage1"].mean((2, 3))
+
+def build(spec):
+    return Pooled(spec)
+
+@bs.hookimpl
+def register_backbones(register):
+    register(BackboneSpec(name="thirdparty_net", family="thirdparty", builder="thirdparty_plugin:build",
+                          features=[FeatureInfo("stage1", 8, 4)], embed_dim=8))
+'''
+
+
+@pytest.mark.slow
+def test_real_distribution_with_entry_point(tmp_path):
+    """pip-install a throw-away plugin distribution and use it from a fresh interpreter."""
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "thirdparty_plugin.py").write_text(PLUGIN_SRC)
+    (pkg / "pyproject.toml").write_text(textwrap.dedent("""
+        [build-system]
+        requires = ["setuptools>=64"]
+        build-backend = "setuptools.build_meta"
+        [project]
+        name = "thirdparty-backbones"
+        version = "1.2.3"
+        [tool.setuptools]
+        py-modules = ["thirdparty_plugin"]
+        [project.entry-points.backbone_sdk]
+        thirdparty = "thirdparty_plugin"
+    """))
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(site), str(pkg)], check=True)
+    code = textwrap.dedent("""
+        import json, torch, backbone_sdk as bs
+        m = bs.create_backbone("thirdparty_net")
+        rec = [r for r in bs.plugin_report() if r.name == "thirdparty"][0]
+        print(json.dumps({"names": bs.list_backbones("thirdparty*"), "emb": list(m.embed(torch.randn(2, 3, 32, 32)).shape),
+                          "dist": rec.distribution, "version": rec.version, "resnet": "resnet50" in bs.list_backbones()}))
+    """)
+    env = {"PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result == {"names": ["thirdparty_net"], "emb": [2, 8], "dist": "thirdparty-backbones",
+                      "version": "1.2.3", "resnet": True}
