@@ -210,3 +210,31 @@ def test_real_distribution_with_entry_point(tmp_path):
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result == {"names": ["thirdparty_net"], "emb": [2, 8], "dist": "thirdparty-backbones",
                       "version": "1.2.3", "resnet": True}
+
+
+def test_convert_checkpoint_hook_of_a_third_party_plugin():
+    """A plugin's converter turns its foreign layout into native keys; other families are left alone."""
+    conv = types.SimpleNamespace()
+
+    @bs.hookimpl
+    def register_backbones(register):
+        register(toy_spec("toy_conv"))
+
+    @bs.hookimpl
+    def convert_checkpoint(spec, state_dict, source_format):
+        if spec.family != "toy" or "legacy.w" not in state_dict:
+            return None
+        return {"conv.weight": state_dict["legacy.w"], "conv.bias": state_dict["legacy.b"]}, "legacy"
+
+    conv.register_backbones, conv.convert_checkpoint = register_backbones, convert_checkpoint
+    bs.register_plugin(conv, name="conv")
+    try:
+        ref = bs.create_backbone("toy_conv")
+        foreign = {"legacy.w": ref.conv.weight.detach().clone(), "legacy.b": ref.conv.bias.detach().clone()}
+        model = bs.create_backbone("toy_conv", weights=foreign)
+        assert model.load_report.format == "legacy"
+        assert torch.equal(model.conv.weight, ref.conv.weight)
+        with pytest.raises(bs.CheckpointMismatchError):
+            bs.create_backbone("resnet_test", weights=foreign)
+    finally:
+        bs.unregister_plugin("conv")
