@@ -103,6 +103,23 @@ class Backbone(nn.Module):
         """Recompute activations in backward to trade compute for memory."""
         raise NotImplementedError
 
+    def read_transformers_checkpoint(self, directory) -> dict[str, torch.Tensor] | None:
+        """Native state dict from a transformers ``save_pretrained`` directory (any transformers
+        version: ``from_pretrained`` renames legacy keys), or ``None`` if this backbone has no
+        transformers model under ``self.model``. Families with several models override this."""
+        from transformers import PreTrainedModel
+
+        inner = getattr(self, "model", None)
+        if not isinstance(inner, PreTrainedModel):
+            return None
+        loaded, info = type(inner).from_pretrained(directory, config=inner.config, output_loading_info=True)
+        # keys from_pretrained had to initialize are dropped, so strict loading reports them as missing;
+        # keys of modules this backbone does not use (poolers, heads) are ignored
+        absent = set(info.get("missing_keys", ())) | {m[0] if isinstance(m, tuple) else m
+                                                     for m in info.get("mismatched_keys", ())}
+        ours = inner.state_dict()
+        return {f"model.{k}": v for k, v in loaded.state_dict().items() if k in ours and k not in absent}
+
     # -- validation ----------------------------------------------------------------------------
     def resolve_levels(self, levels: Iterable[str] | str | None) -> tuple[str, ...]:
         names = self.spec.feature_names

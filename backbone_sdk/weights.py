@@ -223,10 +223,40 @@ def load_state_dict(backbone, state, *, source="<state dict>", weights_format=No
     return report
 
 
+def _transformers_dir(files: list[Path]) -> Path | None:
+    """The directory of a transformers ``save_pretrained`` checkpoint (config.json with a model_type)."""
+    config = files[0].parent / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        return config.parent if "model_type" in json.loads(config.read_text()) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _read_via_transformers(backbone, directory: Path) -> dict[str, torch.Tensor] | None:
+    try:
+        return backbone.read_transformers_checkpoint(str(directory))
+    except Exception as exc:
+        raise CheckpointError(
+            f"{directory} is a transformers checkpoint that does not fit {backbone.spec.name}: "
+            f"{type(exc).__name__}: {exc}. Check the backbone name matches the checkpoint's architecture."
+        ) from exc
+
+
 def load_weights(backbone, source, *, weights_format=None, strict=True, sha256=None) -> LoadReport:
-    """Load weights from a file, hub-layout directory, hub id or state dict into ``backbone``."""
+    """Load weights from a file, hub-layout directory, hub id or state dict into ``backbone``.
+
+    transformers ``save_pretrained`` directories (and hub ids of them) go through the model's own
+    ``from_pretrained``, which also maps keys of older transformers versions.
+    """
     if isinstance(source, Mapping):
         return load_state_dict(backbone, source, weights_format=weights_format, strict=strict)
+    files = resolve_checkpoint(source)
+    directory = _transformers_dir(files) if weights_format in (None, "transformers") and sha256 is None else None
+    state = _read_via_transformers(backbone, directory) if directory is not None else None
+    if state is not None:
+        return load_state_dict(backbone, state, source=os.fspath(source), weights_format="native", strict=strict)
     state = read_state_dict(source, sha256=sha256)
     return load_state_dict(backbone, state, source=os.fspath(source), weights_format=weights_format, strict=strict)
 

@@ -112,3 +112,30 @@ def test_random_init_is_logged_once(caplog):
         bs.create_backbone("resnet_test")
         bs.create_backbone("resnet_test")
     assert sum("randomly initialized" in r.message for r in caplog.records) == 1
+
+
+def test_transformers_save_pretrained_directory(tmp_path):
+    """A transformers checkpoint directory (as on the hub) loads through from_pretrained."""
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    model = bs.create_backbone("resnet_test")
+    hf = ResNetForImageClassification(ResNetConfig(**model.model.config.to_dict()))
+    hf.save_pretrained(tmp_path / "hub")
+    loaded = bs.create_backbone("resnet_test", weights=str(tmp_path / "hub"))
+    for key, value in hf.resnet.state_dict().items():
+        assert torch.equal(loaded.state_dict()[f"model.{key}"], value), key
+    with pytest.raises(bs.CheckpointError, match="does not fit resnet18"):
+        bs.create_backbone("resnet18", weights=str(tmp_path / "hub"))
+
+
+def test_transformers_directory_with_missing_key_is_not_a_silent_partial_load(tmp_path):
+    from safetensors.torch import load_file
+    from transformers import ResNetConfig, ResNetModel
+
+    model = bs.create_backbone("resnet_test")
+    ResNetModel(ResNetConfig(**model.model.config.to_dict())).save_pretrained(tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    state.pop("embedder.embedder.convolution.weight")
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(bs.CheckpointMismatchError, match="embedder.embedder.convolution.weight"):
+        bs.create_backbone("resnet_test", weights=str(tmp_path))
