@@ -45,8 +45,8 @@ class InputSpec:
     """What images a backbone takes.
 
     ``mean``/``std`` are RGB in the 0-1 range. ``size_divisibility`` is a hard requirement on H and W
-    (e.g. the patch size of a ViT); ``pad_divisibility`` is what the backbone pads to internally
-    (Swin windows) and what a detector should pad batches to.
+    (the patch size of a ViT; 1 for families that take any size, such as ResNet and Swin, which pads
+    internally). ``crop_pct`` is the evaluation center-crop ratio used by :func:`preprocess`.
     """
 
     mean: tuple[float, float, float] = attrs.field(default=IMAGENET_MEAN, converter=_triple)
