@@ -158,3 +158,12 @@ def test_spec_metadata_is_consistent():
         assert spec.plugin is not None and spec.name == name
         if spec.plain:
             assert spec.input.patch_size and spec.input.size_divisibility == spec.input.patch_size
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_state_dict_has_no_duplicate_tensors(name):
+    """Each parameter appears once in the state dict (no module registered under two names)."""
+    model = bs.create_backbone(name)
+    state = model.state_dict(keep_vars=True)
+    ids = [id(v) for v in state.values()]
+    assert len(ids) == len(set(ids)), [k for k in state if ids.count(id(state[k])) > 1][:5]

@@ -39,7 +39,10 @@ class PlainViT(Backbone):
             self.simple_pyramid = None
 
     # -- supplied by subclasses ---------------------------------------------------------------
-    blocks: nn.ModuleList
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The transformer blocks in order (a property: assigning the list would register it twice)."""
+        raise NotImplementedError
 
     def embed_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """``[B, num_prefix_tokens + N, D]`` token sequence entering the first block."""

@@ -35,7 +35,10 @@ class ViT(PlainViT):
             patch_size=spec.input.patch_size, layer_norm_eps=cfg.get("layer_norm_eps", 1e-6), qkv_bias=True,
         )
         self.model = hf_model(Model, config, add_pooling_layer=False)
-        self.blocks = self.model.layers
+
+    @property
+    def blocks(self):
+        return self.model.layers
 
     def embed_tokens(self, images):
         return self.model.embeddings(images, interpolate_pos_encoding=True)

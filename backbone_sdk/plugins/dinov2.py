@@ -1,0 +1,234 @@
+"""DINOv2 (Oquab et al. 2023, https://arxiv.org/abs/2304.07193) and DINOv2 with registers
+(Darcet et al. 2023, https://arxiv.org/abs/2309.16588), on transformers' ``Dinov2Model`` and
+``Dinov2WithRegistersModel``.
+
+Features ``block{i}`` (every block, stride 14); ``embed`` is the final-normed CLS token;
+``tokens()`` separates CLS, the 4 register tokens and the patch tokens; ``pyramid`` is a simple
+feature pyramid. Position embeddings are trained for 518x518 (a 37x37 grid) and resampled
+bicubically for other sizes.
+
+Resampling: transformers' ``Dinov2Model`` (like the original release) resamples *without*
+antialiasing, ``Dinov2WithRegistersModel`` (like the original register release) and timm *with*
+it. Each variant defaults to its transformers model's behaviour; ``pos_embed_antialias=True`` or
+``False`` (spec config or ``create_backbone`` override) picks the other one. At the native size no
+resampling happens and the choice has no effect. (The original non-register release also
+stretches its scale factor by 0.1 patch, which transformers 5 and timm do not; neither do we.)
+
+Weights: transformers checkpoints (current and 4.x key names), the original DINOv2 release
+(``dinov2``) and timm (``timm``) state dicts. The mask token is only used for masked pre-training:
+checkpoints without it (timm) load strictly and report it as initialized.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..hookspecs import hookimpl
+from ..specs import IMAGENET_MEAN, IMAGENET_STD, BackboneSpec, InputSpec
+from ._common import has_keys, hf_model, rename, split_qkv, strip_prefixes
+from ._plainvit import PlainViT, block_features
+
+FAMILY = "dinov2"
+PATCH = 14
+NATIVE_SIZE = 518
+
+
+class DINOv2(PlainViT):
+    """transformers ``Dinov2Model`` (or ``Dinov2WithRegistersModel``) behind the backbone_sdk interface."""
+
+    optional_key_prefixes = (*PlainViT.optional_key_prefixes, "model.embeddings.mask_token")
+
+    def __init__(self, spec: BackboneSpec):
+        super().__init__(spec)
+        cfg = spec.config
+        self.num_registers = int(cfg.get("registers", 0))
+        self.num_prefix_tokens = 1 + self.num_registers
+        if self.num_registers:
+            from transformers import Dinov2WithRegistersConfig as Config, Dinov2WithRegistersModel as Model
+
+            extra = {"num_register_tokens": self.num_registers}
+        else:
+            from transformers import Dinov2Config as Config, Dinov2Model as Model
+
+            extra = {}
+        config = Config(
+            hidden_size=cfg["dim"], num_hidden_layers=cfg["depth"], num_attention_heads=cfg["heads"],
+            mlp_ratio=cfg.get("mlp_ratio", 4), image_size=cfg.get("pos_embed_size", NATIVE_SIZE),
+            patch_size=spec.input.patch_size, layer_norm_eps=cfg.get("layer_norm_eps", 1e-6),
+            use_swiglu_ffn=cfg.get("swiglu", False), qkv_bias=True, **extra,
+        )
+        self.model = hf_model(Model, config)
+        # what the wrapped transformers model does itself (see the module docstring)
+        self.native_antialias = bool(self.num_registers)
+        flag = cfg.get("pos_embed_antialias")
+        self.pos_embed_antialias = self.native_antialias if flag is None else bool(flag)
+
+    @property
+    def blocks(self):
+        # a property, not an attribute: assigning the ModuleList would register it a second time
+        # and duplicate every block's weights under "blocks." in the state dict
+        return self.model.encoder.layer
+
+    def pos_embed(self, height: int, width: int, antialias: bool | None = None) -> torch.Tensor:
+        """Position embeddings ``[1, 1 + N, D]`` (CLS first) for ``height x width`` pixel images.
+
+        The patch part of the table is resampled bicubically (``align_corners=False``, in fp32, to
+        the exact target grid, as transformers and timm do); the CLS entry is kept as is.
+        ``antialias`` defaults to this backbone's ``pos_embed_antialias``.
+        """
+        table = self.model.embeddings.position_embeddings
+        grid = (height // self.patch_size, width // self.patch_size)
+        side = math.isqrt(table.shape[1] - 1)
+        if grid == (side, side):
+            return table
+        antialias = self.pos_embed_antialias if antialias is None else antialias
+        patch = table[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
+        patch = F.interpolate(patch, size=grid, mode="bicubic", align_corners=False, antialias=antialias)
+        patch = patch.to(table.dtype).permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1)
+        return torch.cat([table[:, :1], patch], dim=1)
+
+    def embed_tokens(self, images):
+        emb = self.model.embeddings
+        if self.pos_embed_antialias == self.native_antialias:
+            return emb(images)
+        x = emb.patch_embeddings(images)
+        x = torch.cat([emb.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = x + self.pos_embed(images.shape[-2], images.shape[-1])
+        if self.num_registers:
+            x = torch.cat([x[:, :1], emb.register_tokens.expand(x.shape[0], -1, -1), x[:, 1:]], dim=1)
+        return emb.dropout(x)
+
+    def final_norm(self, x):
+        return self.model.layernorm(x)
+
+    def stem(self):
+        return self.model.embeddings
+
+    def embed(self, images):
+        return self.last_hidden_state(images)[:, 0]
+
+
+def build(spec: BackboneSpec) -> DINOv2:
+    return DINOv2(spec)
+
+
+# letter: (dim, depth, heads, hub size name)
+_SIZES = {"s": (384, 12, 6, "small"), "b": (768, 12, 12, "base"), "l": (1024, 24, 16, "large"),
+          "g": (1536, 40, 24, "giant")}
+REGISTERS = 4
+
+
+def make_spec(name, dim, depth, heads, *, registers=0, swiglu=False, hub_id=None, description="",
+              pos_embed_size=NATIVE_SIZE, image_size=224, pyramid=256, test=False):
+    return BackboneSpec(
+        name=name, family=FAMILY, builder=f"{__name__}:build",
+        input=InputSpec(mean=IMAGENET_MEAN, std=IMAGENET_STD, image_size=image_size, patch_size=PATCH,
+                        size_divisibility=PATCH, min_size=PATCH),
+        features=block_features(dim, depth, PATCH), embed_dim=dim, hub_id=hub_id, plain=True, is_test=test,
+        config={"dim": dim, "depth": depth, "heads": heads, "registers": registers, "swiglu": swiglu,
+                "pos_embed_size": pos_embed_size, "pos_embed_antialias": bool(registers),
+                "layer_norm_eps": 1e-6, "pyramid_channels": pyramid},
+        description=description,
+    )
+
+
+@hookimpl
+def register_backbones(register):
+    for letter, (dim, depth, heads, size) in _SIZES.items():
+        for registers in (0, REGISTERS):
+            suffix, hub = ("_reg", "with-registers-") if registers else ("", "")
+            register(make_spec(
+                f"dinov2_vit{letter}14{suffix}", dim, depth, heads, registers=registers, swiglu=letter == "g",
+                hub_id=f"facebook/dinov2-{hub}{size}",
+                description=f"DINOv2 ViT-{letter.upper()}/14" + (" with 4 registers" if registers else ""),
+            ))
+    tiny = dict(pos_embed_size=56, image_size=56, pyramid=16, test=True)
+    register(make_spec("dinov2_test", 32, 2, 2, description="tiny DINOv2 for tests", **tiny))
+    register(make_spec("dinov2_reg_test", 32, 2, 2, registers=REGISTERS,
+                       description="tiny DINOv2 with registers for tests", **tiny))
+
+
+# -- checkpoint conversion -------------------------------------------------------------------------
+# the original release and timm share the block layout; timm says reg_token and has no mask_token
+_RELEASE_RULES = [
+    (r"^blocks\.\d+\.(\d+)\.", r"blocks.\1."),  # block chunks of training checkpoints hold global indices
+    (r"^cls_token$", "model.embeddings.cls_token"),
+    (r"^mask_token$", "model.embeddings.mask_token"),
+    (r"^(register_tokens|reg_token)$", "model.embeddings.register_tokens"),
+    (r"^pos_embed$", "model.embeddings.position_embeddings"),
+    (r"^patch_embed\.proj\.", "model.embeddings.patch_embeddings.projection."),
+    (r"^blocks\.(\d+)\.norm(1|2)\.", r"model.encoder.layer.\1.norm\2."),
+    (r"^blocks\.(\d+)\.attn\.proj\.", r"model.encoder.layer.\1.attention.o_proj."),
+    (r"^blocks\.(\d+)\.attn\.qkv\.", r"model.encoder.layer.\1.attention.qkv."),
+    (r"^blocks\.(\d+)\.ls(1|2)\.gamma$", r"model.encoder.layer.\1.layer_scale\2.lambda1"),
+    (r"^blocks\.(\d+)\.mlp\.", r"model.encoder.layer.\1.mlp."),
+    (r"^norm\.", "model.layernorm."),
+]
+_LEGACY_TRANSFORMERS_RULES = [
+    (r"\.attention\.attention\.(query|key|value)\.", lambda m: f".attention.{m.group(1)[0]}_proj."),
+    (r"\.attention\.output\.dense\.", ".attention.o_proj."),
+    (r"\.mlp\.weights_in\.", ".mlp.w12."),
+    (r"\.mlp\.weights_out\.", ".mlp.down_proj."),
+]
+
+
+def _split_swiglu(state, swiglu: bool):
+    """Fused SwiGLU input ``w12`` (first half gate, second half up) and ``w3`` to transformers' names.
+
+    timm packs the same fused layer as ``mlp.fc1``/``mlp.fc2``; only SwiGLU variants split it.
+    """
+    if swiglu:
+        state = rename(state, [(r"\.mlp\.fc1\.", ".mlp.w12."), (r"\.mlp\.(fc2|w3)\.", ".mlp.down_proj.")])
+    for kind in ("weight", "bias"):
+        for key in [k for k in state if k.endswith(f".mlp.w12.{kind}")]:
+            gate, up = state.pop(key).chunk(2, dim=0)
+            prefix = key[: -len(f"w12.{kind}")]
+            state[f"{prefix}gate_proj.{kind}"], state[f"{prefix}up_proj.{kind}"] = gate.contiguous(), up.contiguous()
+    return state
+
+
+def convert_release(state, swiglu: bool):
+    """Original DINOv2 release or timm layout -> native keys."""
+    state = dict(state)
+    pos = state.get("pos_embed")
+    if pos is not None and math.isqrt(pos.shape[1]) ** 2 == pos.shape[1]:
+        # timm's register models keep no CLS position (no_embed_class) and fold it into cls_token
+        state["pos_embed"] = torch.cat([pos.new_zeros(1, 1, pos.shape[-1]), pos], dim=1)
+    state = rename(state, _RELEASE_RULES, drop=[r"^head\.", r"^fc_norm\.", r"^norm_pre\.", r"^pre_logits"])
+    for kind in ("weight", "bias"):
+        state = split_qkv(state, f".qkv.{kind}", lambda p: tuple(f"{p}.{c}_proj.{kind}" for c in "qkv"))
+    return _split_swiglu(state, swiglu)
+
+
+def convert_transformers(state):
+    """transformers ``Dinov2*`` layouts (bare, ``dinov2.``/``dinov2_with_registers.`` prefixed, 4.x names)."""
+    state = strip_prefixes(state, ["dinov2_with_registers.", "dinov2."])
+    state = {k: v for k, v in state.items() if not k.startswith(("classifier.", "pooler.", "head."))}
+    state = rename(state, _LEGACY_TRANSFORMERS_RULES)
+    return _split_swiglu({f"model.{k}": v for k, v in state.items()}, swiglu=False)
+
+
+def detect_format(state) -> str | None:
+    if has_keys(state, "patch_embed.proj.", "blocks."):
+        original = any(k in state for k in ("mask_token", "register_tokens")) or any(".mlp.w12." in k for k in state)
+        return "dinov2" if original else "timm"
+    if has_keys(state, "embeddings.patch_embeddings.") or has_keys(state, "dinov2.") \
+            or has_keys(state, "dinov2_with_registers."):
+        return "transformers"
+    return None
+
+
+@hookimpl
+def convert_checkpoint(spec, state_dict, source_format):
+    if spec.family != FAMILY:
+        return None
+    detected = detect_format(state_dict)
+    fmt = source_format or detected
+    if fmt in ("dinov2", "timm") and detected in ("dinov2", "timm"):
+        return convert_release(state_dict, spec.config.get("swiglu", False)), fmt
+    if fmt == "transformers" and detected == "transformers":
+        return convert_transformers(state_dict), fmt
+    return None
