@@ -106,15 +106,26 @@ def _torchvision_rules(block: str):
     return rules
 
 
+def with_batch_counters(state: dict) -> dict:
+    """Add the BatchNorm ``num_batches_tracked`` counters that checkpoints saved before PyTorch 0.4.1
+    lack (torchvision's original ImageNet files among them); the counter only matters when
+    ``momentum=None``, and ``nn.BatchNorm`` itself fills it with 0 for such checkpoints."""
+    for key in [k for k in state if k.endswith(".running_mean")]:
+        state.setdefault(key[: -len("running_mean")] + "num_batches_tracked", torch.tensor(0, dtype=torch.long))
+    return state
+
+
 def convert(spec: BackboneSpec, state, source_format):
     if source_format in (None, "torchvision", "timm") and has_keys(state, "conv1.", "layer1."):
-        return rename(state, _torchvision_rules(spec.config["block"]), drop=[r"^fc\.", r"^num_batches"]), \
-            source_format or "torchvision"
+        state = rename(state, _torchvision_rules(spec.config["block"]), drop=[r"^fc\."])
+        return with_batch_counters(state), source_format or "torchvision"
     if source_format in (None, "transformers") and has_keys(state, "resnet.embedder."):
         state = strip_prefixes(state, ["resnet."])
-        return {f"model.{k}": v for k, v in state.items() if not k.startswith("classifier.")}, "transformers"
+        state = {f"model.{k}": v for k, v in state.items() if not k.startswith("classifier.")}
+        return with_batch_counters(state), "transformers"
     if source_format in (None, "transformers") and has_keys(state, "embedder.", "encoder."):
-        return {f"model.{k}": v for k, v in state.items() if not k.startswith("pooler")}, "transformers"
+        state = {f"model.{k}": v for k, v in state.items() if not k.startswith("pooler")}
+        return with_batch_counters(state), "transformers"
     return None
 
 

@@ -1,0 +1,96 @@
+"""CLIP zero-shot classification and image-text similarity on any backbone with a text tower.
+
+Works with every backbone whose spec declares the ``"text"`` capability (the CLIP family):
+it needs ``embed(images)``, ``embed_text(texts)`` and ``logit_scale``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..backbone import Backbone
+
+__all__ = ["DEFAULT_TEMPLATES", "ZeroShotClassifier", "similarity", "text_classifier"]
+
+#: A small prompt ensemble in the style of the CLIP paper's ImageNet prompts.
+DEFAULT_TEMPLATES = (
+    "a photo of a {}.",
+    "a bad photo of a {}.",
+    "a photo of the large {}.",
+    "a photo of the small {}.",
+    "a cropped photo of a {}.",
+    "a close-up photo of a {}.",
+    "a bright photo of a {}.",
+    "a drawing of a {}.",
+)
+
+
+def _require_text(backbone: Backbone) -> None:
+    if "text" not in backbone.spec.capabilities or not hasattr(backbone, "embed_text"):
+        raise TypeError(
+            f"{backbone.spec.name} has no text tower; zero-shot classification needs a CLIP backbone "
+            f"(e.g. {', '.join(n for n in _text_backbones()[:3])})."
+        )
+
+
+def _text_backbones() -> list[str]:
+    from ..registry import get_spec, list_backbones
+
+    return [n for n in list_backbones(include_test=False) if "text" in get_spec(n).capabilities]
+
+
+@torch.no_grad()
+def text_classifier(backbone: Backbone, class_names: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES,
+                    batch_size: int = 256) -> torch.Tensor:
+    """``[C, D]`` unit-norm class weights: the normalized mean of each class's normalized prompt embeddings."""
+    _require_text(backbone)
+    if not class_names:
+        raise ValueError("class_names is empty")
+    if any("{}" not in t for t in templates):
+        raise ValueError("every template needs a '{}' placeholder for the class name")
+    prompts = [t.format(c) for c in class_names for t in templates]
+    chunks = [backbone.embed_text(prompts[i:i + batch_size]) for i in range(0, len(prompts), batch_size)]
+    emb = F.normalize(torch.cat(chunks).float(), dim=-1).view(len(class_names), len(templates), -1)
+    return F.normalize(emb.mean(dim=1), dim=-1)
+
+
+class ZeroShotClassifier(nn.Module):
+    """``logits = exp(logit_scale) * normalize(embed(images)) @ class_weights.T``.
+
+    Text embeddings are computed once at construction (prompt ensembling) and cached as a buffer;
+    call :meth:`set_classes` to change classes.
+    """
+
+    def __init__(self, backbone: Backbone, class_names: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES):
+        super().__init__()
+        self.backbone = backbone
+        self.register_buffer("class_weights", torch.empty(0), persistent=False)
+        self.set_classes(class_names, templates)
+
+    def set_classes(self, class_names: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES) -> None:
+        self.class_names = list(class_names)
+        self.class_weights = text_classifier(self.backbone, self.class_names, templates)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        image = F.normalize(self.backbone.embed(images).float(), dim=-1)
+        return self.backbone.logit_scale.exp().float() * image @ self.class_weights.T.to(image.device)
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, top_k: int = 1) -> tuple[torch.Tensor, list[list[str]]]:
+        """Top-``k`` probabilities ``[B, k]`` and class names per image."""
+        probs = self(images).softmax(dim=-1)
+        values, index = probs.topk(min(top_k, len(self.class_names)), dim=-1)
+        return values, [[self.class_names[i] for i in row] for row in index.tolist()]
+
+
+@torch.no_grad()
+def similarity(backbone: Backbone, images: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+    """Scaled cosine similarity ``[num_images, num_texts]`` (CLIP's ``logits_per_image``)."""
+    _require_text(backbone)
+    image = F.normalize(backbone.embed(images).float(), dim=-1)
+    text = F.normalize(backbone.embed_text(list(texts)).float(), dim=-1)
+    return backbone.logit_scale.exp().float() * image @ text.T
