@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -34,6 +36,9 @@ class Backbone(nn.Module):
         self.spec = spec
         #: modules kept in eval mode by ``train()`` (set by fine-tune policies: frozen parts, norms)
         self.keep_eval: list[nn.Module] = []
+        #: run the trunk under ``torch.no_grad()`` (the ``frozen`` fine-tune policy): no graph, no
+        #: stored activations, even for inputs that require grad; a simple pyramid after it still trains
+        self.trunk_no_grad = False
 
     def train(self, mode: bool = True):
         """``nn.Module.train`` that keeps frozen parts and evaluated norms (``norm_eval``) in eval mode."""
@@ -74,7 +79,9 @@ class Backbone(nn.Module):
         after the deepest requested one.
         """
         self.check_images(images)
-        return self._features(images, self.resolve_levels(levels))
+        levels = self.resolve_levels(levels)
+        with self.trunk_context():
+            return self._features(images, levels)
 
     def pyramid(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Maps ``p2..p5`` at strides 4, 8, 16, 32 (native stages for hierarchical networks)."""
@@ -91,6 +98,10 @@ class Backbone(nn.Module):
         raise NotImplementedError
 
     # -- fine-tuning support ------------------------------------------------------------------
+    def trunk_context(self):
+        """``torch.no_grad()`` while the trunk is frozen (:attr:`trunk_no_grad`), else a no-op."""
+        return torch.no_grad() if self.trunk_no_grad else contextlib.nullcontext()
+
     def stage_modules(self) -> list[nn.Module]:
         """Trainable groups in depth order: ``[stem, stage1, ...]`` or ``[embeddings, block0, ...]``.
 

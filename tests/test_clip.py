@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 import backbone_sdk as bs
 from backbone_sdk.adapters.zero_shot import ZeroShotClassifier, similarity
 from backbone_sdk.plugins import clip as clip_plugin
+from _frameworks import require
 from conftest import scramble
 
 TEXTS = ["a photo of a cat.", "A DOG, running!!", "naïve café — “quoted” &amp; <b>bold</b>",
@@ -27,7 +28,7 @@ def _ours(**overrides):
 @pytest.fixture(scope="module")
 def open_clip(tmp_path_factory):
     """open_clip with a tiny custom config equal to clip_test's architecture."""
-    open_clip = pytest.importorskip("open_clip")
+    open_clip = require("open_clip")
     folder = tmp_path_factory.mktemp("open_clip_config")
     cfg = {"embed_dim": 16, "quick_gelu": True,
            "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
@@ -242,18 +243,38 @@ def test_embed_text_inputs():
 
 
 # -- zero-shot, training, weights -----------------------------------------------------------------
-def test_zero_shot_logits(open_clip_model):
+def test_zero_shot_logits_equal_open_clip_prompt_ensemble(open_clip, open_clip_model):
+    """Class weights and logits computed independently with open_clip: normalized mean of the
+    normalized prompt embeddings per class, scaled cosine with the normalized image embedding."""
     model = _ours()
     bs.load_weights(model, open_clip_model.state_dict())
-    classes = ["cat", "dog", "car"]
+    classes, templates = ["cat", "dog", "car"], ("a photo of a {}.", "a drawing of the {}!")
     x = torch.randn(2, 3, 32, 32)
+    norm = torch.nn.functional.normalize
     with torch.no_grad():
-        logits = ZeroShotClassifier(model, classes, templates=("a photo of a {}.",))(x)
-        image = torch.nn.functional.normalize(model.embed(x), dim=-1)
-        text = torch.nn.functional.normalize(model.embed_text([f"a photo of a {c}." for c in classes]), dim=-1)
-    assert logits.shape == (2, 3)
-    torch.testing.assert_close(logits, model.logit_scale.exp() * image @ text.T, rtol=0, atol=1e-4)
-    assert similarity(model, x, ["a", "b", "c", "d"]).shape == (2, 4)
+        classifier = ZeroShotClassifier(model, classes, templates=templates)
+        logits = classifier(x)
+        prompts = open_clip.tokenize([t.format(c) for c in classes for t in templates])
+        per_prompt = norm(open_clip_model.encode_text(prompts), dim=-1).view(3, 2, -1)
+        weights = norm(per_prompt.mean(dim=1), dim=-1)
+        image = norm(open_clip_model.encode_image(x), dim=-1)
+        expected = open_clip_model.logit_scale.exp() * image @ weights.T
+        texts = ["a cat", "two dogs", "a red car", "?"]
+        pairwise = open_clip_model.logit_scale.exp() * image @ norm(open_clip_model.encode_text(
+            open_clip.tokenize(texts)), dim=-1).T
+    torch.testing.assert_close(classifier.class_weights, weights, rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-4)
+    torch.testing.assert_close(similarity(model, x, texts), pairwise, rtol=0, atol=1e-4)
+    calls = []
+    model.embed_text = lambda texts: calls.append(texts)  # cached: classifying must not embed prompts again
+    classifier(x)
+    assert calls == []
+    del model.embed_text
+    probs, names = classifier.predict(x, top_k=2)
+    assert names == [[classes[i] for i in row] for row in expected.topk(2).indices.tolist()]
+    torch.testing.assert_close(probs, expected.softmax(-1).topk(2).values, rtol=0, atol=1e-5)
+    with pytest.raises(TypeError, match="no text tower"):
+        ZeroShotClassifier(bs.create_backbone("vit_test"), classes)
 
 
 def test_text_tower_gradient_checkpointing_matches():

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import backbone_sdk as bs
+from backbone_sdk.adapters.finetune import apply_finetune
 from conftest import full_names, tiny_names
 
 TINY = tiny_names()
@@ -98,6 +99,37 @@ def test_gradients_flow_and_checkpointing_matches():
         for n, p in model.named_parameters():
             if n in grads:
                 torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-5, msg=f"{name}: {n}")
+
+
+def _count_calls(module: torch.nn.Module) -> tuple[list[int], list]:
+    calls = [0]
+    hooks = [m.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+             for m in module.modules() if any(True for _ in m.parameters(recurse=False))]
+    return calls, hooks
+
+
+@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_grad_checkpointing_recomputes_exactly_the_trainable_groups(name, checkpointing):
+    """With the stem frozen, backward re-runs the first trainable group (whose input needs no grad)
+    only under checkpointing, and never re-runs the frozen stem."""
+    model = bs.create_backbone(name, with_pyramid=False) if bs.get_spec(name).plain else bs.create_backbone(name)
+    apply_finetune(model, ("blocks" if model.spec.plain else "stages") + ":0").train()
+    model.set_grad_checkpointing(checkpointing)
+    stem, first = model.stage_modules()[:2]
+    (stem_calls, h1), (first_calls, h2) = _count_calls(stem), _count_calls(first)
+    try:
+        out = model.embed(torch.randn(1, 3, _size(model.spec), _size(model.spec)))
+        after_forward = (stem_calls[0], first_calls[0])
+        out.pow(2).sum().backward()
+    finally:
+        for h in h1 + h2:
+            h.remove()
+    assert after_forward[0] > 0 and after_forward[1] > 0
+    assert stem_calls[0] == after_forward[0]
+    assert (first_calls[0] > after_forward[1]) == checkpointing
+    assert all(p.grad is None for p in stem.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in first.parameters())
 
 
 def test_non_square_input(model):

@@ -19,8 +19,14 @@ def test_frozen_trunk_gets_no_grads_and_stays_in_eval(name):
     assert _frozen_names(model) == set(trunk)
     assert all(not m.training for c in model.children() if c is not getattr(model, "simple_pyramid", None)
                for m in c.modules())
-    out = model.embed(torch.randn(1, 3, 64, 64) if model.spec.input.patch_size != 14 else torch.randn(1, 3, 56, 56))
-    assert not out.requires_grad  # no autograd graph, so no activations kept
+    size = 56 if model.spec.input.patch_size == 14 else 64
+    x = torch.randn(1, 3, size, size, requires_grad=True)  # even an input that wants grad builds no graph
+    assert not model.embed(x).requires_grad
+    assert all(not v.requires_grad for v in model.features(x).values())  # no autograd graph, no activations kept
+    if model.spec.plain:  # the simple pyramid after the frozen trunk still trains
+        sum(m.sum() for m in model.pyramid(x).values()).backward()
+        assert x.grad is None
+        assert all(p.grad is not None for p in model.simple_pyramid.parameters())
 
 
 @pytest.mark.parametrize("name", tiny_names())
@@ -36,6 +42,9 @@ def test_stages_n_freezes_stem_and_first_n(name):
     assert _frozen_names(model) == set()
     with pytest.raises(ValueError, match="cannot freeze"):
         apply_finetune(model, f"{mode}:{len(groups)}")
+    other = "stages" if model.spec.plain else "blocks"
+    with pytest.raises(ValueError, match=f"use '{mode}:1'"):  # the unit must match the family
+        apply_finetune(model, f"{other}:1")
 
 
 def test_norm_eval_keeps_batchnorm_in_eval():
@@ -67,8 +76,12 @@ def test_layer_decay_groups():
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
 
 
-def test_lora_trains_only_adapters():
-    model = add_lora(bs.create_backbone("vit_test"), r=2)
+@pytest.mark.parametrize("policy", [None, "frozen"])
+def test_lora_trains_only_adapters(policy):
+    model = bs.create_backbone("vit_test")
+    if policy:  # LoRA inside a frozen trunk: the trunk must build its graph again
+        apply_finetune(model, policy)
+    model = add_lora(model, r=2)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n or n.startswith("simple_pyramid.") for n in trainable)
     assert any("q_proj.lora_A" in n for n in trainable)

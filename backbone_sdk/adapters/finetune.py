@@ -3,11 +3,13 @@
 Policies (strings or :class:`FinetunePolicy`):
 
 - ``"frozen"``: no parameter of the trunk gets gradients, the trunk stays in eval mode (dropout
-  off, BatchNorm statistics fixed). With no parameter requiring grad, autograd records nothing, so
-  no activations are kept. A ViT's simple feature pyramid is a neck, not trunk: it stays trainable.
-- ``"stages:N"`` / ``"blocks:N"``: freeze the stem and the first ``N`` stages (hierarchical nets) or
-  blocks (plain ViTs); ``stages:0`` freezes only the stem. Same numbering as mmseg's ``frozen_stages``;
-  detectron2's ``FREEZE_AT = N + 1``.
+  off, BatchNorm statistics fixed) and runs under ``torch.no_grad()``: no graph and no stored
+  activations, even when the input requires grad (for gradients with respect to the input through a
+  fixed network, use ``"none"`` and ``requires_grad_(False)`` instead). A ViT's simple feature
+  pyramid is a neck, not trunk: it stays trainable.
+- ``"stages:N"`` (hierarchical nets: ResNet, Swin) / ``"blocks:N"`` (plain ViTs): freeze the stem and
+  the first ``N`` stages or blocks; ``stages:0`` freezes only the stem. Same numbering as mmseg's
+  ``frozen_stages``; detectron2's ``FREEZE_AT = N + 1``. The unit must match the family.
 - ``"none"``: train everything.
 
 ``norm_eval=True`` keeps every BatchNorm in eval mode while training (frozen statistics).
@@ -67,6 +69,11 @@ def frozen_modules(backbone: Backbone, policy: FinetunePolicy) -> list[nn.Module
     if policy.mode == "frozen":
         return _trunk_modules(backbone)
     if policy.mode in ("stages", "blocks"):
+        unit = "blocks" if backbone.spec.plain else "stages"
+        if policy.mode != unit:
+            kind = "a plain ViT with blocks" if backbone.spec.plain else "a hierarchical network with stages"
+            raise ValueError(f"fine-tune policy '{policy.mode}:{policy.n}': {backbone.spec.name} is {kind}; "
+                             f"use '{unit}:{policy.n}'.")
         groups = backbone.stage_modules()
         if policy.n > len(groups) - 1:
             raise ValueError(
@@ -90,6 +97,7 @@ def apply_finetune(backbone: Backbone, policy="none", norm_eval: bool = False) -
     if policy.norm_eval:
         keep_eval += [m for m in backbone.modules() if isinstance(m, _BN)]
     backbone.keep_eval = keep_eval
+    backbone.trunk_no_grad = policy.mode == "frozen"
     backbone.finetune_policy = policy
     backbone.train(backbone.training)
     return backbone
@@ -147,6 +155,7 @@ def add_lora(backbone: Backbone, r: int = 8, alpha: int = 16, dropout: float = 0
         raise ValueError(f"{backbone.spec.name} has no attention projections matching {targets!r} for LoRA")
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets)
     inject_adapter_in_model(config, backbone)
+    backbone.trunk_no_grad = False  # LoRA weights inside a frozen trunk need its graph
     for name, p in backbone.named_parameters():
         p.requires_grad_("lora_" in name or name.startswith("simple_pyramid."))
     return backbone

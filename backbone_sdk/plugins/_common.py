@@ -12,11 +12,17 @@ from torch.utils.checkpoint import checkpoint
 SDPA = "sdpa"
 
 
-def run(module: nn.Module, x, checkpointed: bool, *args):
-    """Call ``module(x, *args)``, recomputing it in backward when gradient checkpointing is on."""
-    if checkpointed and torch.is_grad_enabled() and x.requires_grad:
-        return checkpoint(module, x, *args, use_reentrant=False)
-    return module(x, *args)
+def run(fn, x, checkpointed: bool, *args, owner: nn.Module | None = None):
+    """Call ``fn(x, *args)``, recomputing it in backward when gradient checkpointing is on and
+    backward will reach it: ``x`` requires grad, or ``owner`` (default ``fn``) has trainable
+    parameters (the first unfrozen stage after a frozen stem gets an input without grad)."""
+    if checkpointed and torch.is_grad_enabled() and (x.requires_grad or _trainable(owner or fn)):
+        return checkpoint(fn, x, *args, use_reentrant=False)
+    return fn(x, *args)
+
+
+def _trainable(module) -> bool:
+    return isinstance(module, nn.Module) and any(p.requires_grad for p in module.parameters())
 
 
 def hf_model(model_cls, config, **kwargs) -> nn.Module:

@@ -14,7 +14,7 @@ from torch import nn
 from ..backbone import Backbone
 from ..pyramid import SimpleFeaturePyramid
 from ..specs import BackboneSpec, FeatureInfo, Tokens
-from torch.utils.checkpoint import checkpoint
+from ._common import run
 
 
 def block_features(dim: int, depth: int, patch: int) -> list[FeatureInfo]:
@@ -54,22 +54,19 @@ class PlainViT(Backbone):
     def stem(self) -> nn.Module:
         raise NotImplementedError
 
-    def call_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def call_block(self, x: torch.Tensor, block: nn.Module) -> torch.Tensor:
         return block(x)
 
     # -- shared implementation ---------------------------------------------------------------
     def run_blocks(self, images: torch.Tensor, upto: int, keep=()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Run blocks ``0..upto`` (inclusive); return the last output and those of blocks in ``keep``."""
-        x = self.embed_tokens(images)
         kept = {}
-        checkpointed = self.grad_checkpointing and torch.is_grad_enabled()
-        for i, block in enumerate(self.blocks[: upto + 1]):
-            if checkpointed:
-                x = checkpoint(self.call_block, block, x, use_reentrant=False)
-            else:
-                x = self.call_block(block, x)
-            if i in keep:
-                kept[i] = x
+        with self.trunk_context():
+            x = self.embed_tokens(images)
+            for i, block in enumerate(self.blocks[: upto + 1]):
+                x = run(self.call_block, x, self.grad_checkpointing, block, owner=block)
+                if i in keep:
+                    kept[i] = x
         return x, kept
 
     def grid(self, images: torch.Tensor) -> tuple[int, int]:

@@ -106,7 +106,7 @@ class CLIP(PlainViT):
     def embed_tokens(self, images):
         return self._stem(images)
 
-    def call_block(self, block, x):
+    def call_block(self, x, block):
         return block(x, None)
 
     def final_norm(self, x):

@@ -77,7 +77,8 @@ class Swin(Backbone):
         mask = shift_mask(-(-dims[0] // ws) * ws, -(-dims[1] // ws) * ws, ws, shift, x.device) if shift else None
         for j, layer in enumerate(stage.blocks):
             odd = j % 2 == 1 and shift > 0
-            x = run(swin_block, x, self.grad_checkpointing, layer, dims, ws, shift if odd else 0, mask if odd else None)
+            x = run(swin_block, x, self.grad_checkpointing, layer, dims, ws, shift if odd else 0, mask if odd else None,
+                    owner=layer)
         return x
 
     def embed(self, images):

@@ -43,7 +43,7 @@ class ViT(PlainViT):
     def embed_tokens(self, images):
         return self.model.embeddings(images, interpolate_pos_encoding=True)
 
-    def call_block(self, block, x):
+    def call_block(self, x, block):
         return block(x, None)
 
     def final_norm(self, x):
