@@ -11,7 +11,7 @@ import attrs
 import click
 
 from .errors import BackboneSDKError
-from .registry import get_spec, list_backbones, plugin_report
+from .registry import DISABLE_ENV, get_spec, list_backbones, plugin_report
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 DEFAULT_BACKBONE = "resnet18"
@@ -85,7 +85,12 @@ def plugins(as_json: bool) -> None:
         click.echo(json.dumps([attrs.asdict(r) for r in records], indent=2, default=str))
         return
     for r in records:
-        status = "disabled" if r.disabled else ("ERROR: " + r.error if r.error else f"{len(r.backbones)} backbones")
+        if r.disabled:
+            status = f"disabled ({DISABLE_ENV})"
+        elif r.error:
+            status = "ERROR: " + r.error
+        else:
+            status = f"{len(r.backbones)} backbones: " + ", ".join(sorted(r.backbones))
         click.echo(f"{r.name:12s} {r.distribution or '-'} {r.version or ''}  {r.module}  {status}")
 
 

@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 from .backbone import Backbone
+from .errors import CheckpointError
 from .registry import get_spec
 
 __all__ = ["create_backbone"]
@@ -49,7 +50,8 @@ def create_backbone(
 
         if isinstance(weights, str) and weights == "hub":
             if not spec.hub_id:
-                raise ValueError(f"{name} has no published hub id; pass a checkpoint path instead")
+                raise CheckpointError(f"{name} has no published hub id, so weights='hub' cannot be resolved; pass a "
+                                      "checkpoint file, a hub-layout directory or a hub id instead.")
             weights = spec.hub_id
         model.load_report = load_weights(model, weights, weights_format=weights_format, strict=strict, sha256=sha256)
     if device is not None or dtype is not None:

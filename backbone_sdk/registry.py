@@ -20,7 +20,7 @@ from typing import Iterable
 import attrs
 import pluggy
 
-from .errors import PluginError, UnknownBackboneError
+from .errors import CheckpointError, PluginError, UnknownBackboneError
 from .hookspecs import PROJECT_NAME, BackboneSpecs
 from .specs import BackboneSpec
 
@@ -30,6 +30,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+#: what a plugin may raise without taking the host down (SystemExit: a plugin calling sys.exit())
+_PLUGIN_FAILURES = (Exception, SystemExit)
 DISABLE_ENV = "BACKBONE_SDK_DISABLE_PLUGINS"
 
 
@@ -92,7 +94,7 @@ class Registry:
             return
         try:
             plugin = ep.load()
-        except Exception as exc:  # a broken third-party plugin must not break the others
+        except _PLUGIN_FAILURES as exc:  # a broken third-party plugin must not break the others
             self._fail(record, f"import failed: {type(exc).__name__}: {exc}")
             return
         self._register_plugin(plugin, record)
@@ -133,7 +135,7 @@ class Registry:
         try:
             for impl in impls:
                 impl.function(register=lambda spec: pending.append(_check_spec(spec)))
-        except Exception as exc:
+        except _PLUGIN_FAILURES as exc:
             self.pm.unregister(name=record.name)
             self._fail(record, f"register_backbones raised {type(exc).__name__}: {exc}")
             return
@@ -142,9 +144,9 @@ class Registry:
         if taken or dupes:
             self.pm.unregister(name=record.name)
             owners = {n: self._specs[n].plugin for n in taken}
-            detail = ", ".join(f"{n!r} (taken by plugin {owners[n]!r})" for n in taken)
-            detail += ", ".join(f"{n!r} (registered twice)" for n in sorted(dupes))
-            self._fail(record, f"registers names that are already taken: {detail}")
+            detail = [f"{n!r} (taken by plugin {owners[n]!r})" for n in taken]
+            detail += [f"{n!r} (registered twice by this plugin)" for n in sorted(dupes)]
+            self._fail(record, f"registers names that are not free: {', '.join(detail)}; rename its variants")
             return
         for spec in pending:
             self._specs[spec.name] = spec.evolve(plugin=record.name)
@@ -155,6 +157,32 @@ class Registry:
         record.error = message
         log.warning("backbone_sdk plugin %r skipped: %s", record.name, message)
         log.debug("%s", traceback.format_exc())
+
+    # -- hooks -------------------------------------------------------------------------------
+    def convert_checkpoint(self, spec: BackboneSpec, state_dict, source_format: str | None):
+        """The first non-``None`` ``convert_checkpoint`` result, in pluggy's call order.
+
+        A plugin whose hook raises is logged and skipped, so that it cannot break loading for
+        other families; if no plugin converts and some raised, :class:`CheckpointError` names them.
+        """
+        self.ensure_loaded()
+        args = {"spec": spec, "state_dict": state_dict, "source_format": source_format}
+        failures = []
+        for impl in reversed(self.pm.hook.convert_checkpoint.get_hookimpls()):
+            try:
+                result = impl.function(*(args[a] for a in impl.argnames))
+            except _PLUGIN_FAILURES as exc:
+                failures.append(f"plugin {impl.plugin_name!r} raised {type(exc).__name__}: {exc}")
+                log.warning("backbone_sdk plugin %r: convert_checkpoint failed for %s: %s", impl.plugin_name,
+                            spec.name, exc)
+                continue
+            if result is not None:
+                return result
+        if failures:
+            raise CheckpointError(f"no plugin converted the checkpoint for {spec.name}; " + "; ".join(failures)
+                                  + ". Fix or disable the plugin (BACKBONE_SDK_DISABLE_PLUGINS), or pass a native "
+                                  "state dict.")
+        return None
 
     # -- queries -----------------------------------------------------------------------------
     def specs(self) -> dict[str, BackboneSpec]:

@@ -23,6 +23,8 @@ __all__ = ["LoadReport", "resolve_checkpoint", "read_state_dict", "load_weights"
 
 log = logging.getLogger(__name__)
 _HUB_ID = re.compile(r"^[\w.\-]+/[\w.\-]+(@[\w.\-/]+)?$")
+#: file endings of checkpoints: a missing path ending in one is "not found", never tried as a hub id
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".pkl", ".ckpt")
 _WRAPPERS = ("state_dict", "model", "module", "model_state_dict", "net")
 _LIST_LIMIT = 8
 
@@ -110,9 +112,11 @@ def resolve_checkpoint(source: str | os.PathLike) -> list[Path]:
     if path.is_dir():
         return _files_in(path)
     text = os.fspath(source)
-    if _HUB_ID.match(text) and not text.startswith((".", "/")):
+    looks_local = text.startswith((".", "/", "~")) or text.lower().endswith(CHECKPOINT_SUFFIXES)
+    if _HUB_ID.match(text) and not looks_local:
         return _files_in(_download(text))
-    raise CheckpointError(f"checkpoint {text!r} not found: it is neither an existing file or directory nor a hub id.")
+    raise CheckpointError(f"checkpoint {text!r} not found (working directory {os.getcwd()}): it is neither an "
+                          "existing file or directory nor a hub id ('org/name').")
 
 
 def _read_file(path: Path) -> dict[str, torch.Tensor]:
@@ -177,7 +181,7 @@ def _convert(backbone, state: dict[str, torch.Tensor], weights_format: str | Non
             return state, "native"
     from .registry import default_registry
 
-    result = default_registry.pm.hook.convert_checkpoint(spec=backbone.spec, state_dict=state, source_format=weights_format)
+    result = default_registry.convert_checkpoint(backbone.spec, state, weights_format)
     if result is not None:
         return result
     if weights_format is not None:

@@ -9,7 +9,7 @@ heads, the same batch (2 images, ``--size`` px square, 3 boxes each) and detectr
 - native: ``build_resnet_fpn_backbone`` (FrozenBN, FREEZE_AT=2), with ``RESNETS.STRIDE_IN_1X1=False``
   so that both ResNets are the same network (stride on the 3x3 convolution, as torchvision);
 - sdk: ``build_backbone_sdk_fpn_backbone`` on ``resnet50`` with FREEZE_AT=2 (= ``stages:1``) and
-  ``NORM_EVAL`` (BatchNorm statistics fixed, as FrozenBN).
+  ``NORM_EVAL`` (BatchNorm statistics fixed as in FrozenBN; unlike FrozenBN the affine weights still train).
 
 Both compute the same function: the SDK model's BatchNorm statistics are set from one batch (random
 init with statistics 0/1 blows activations up, and the RPN then proposes a handful of degenerate

@@ -189,7 +189,7 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--only", default="", help="comma-separated variant names (default: one per family)")
+    parser.add_argument("--only", default="", help="comma-separated registered names (default: one per family)")
     parser.add_argument("--quick", action="store_true", help="tiny *_test variants, 2 rounds, 1 warmup")
     args = parser.parse_args(argv)
     if args.quick:
@@ -198,13 +198,15 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     registered = set(bs.list_backbones())
     wanted = [n for n in args.only.split(",") if n]
+    names = wanted or [tiny if args.quick else full for full, tiny in VARIANTS.values()]
     rows = []
-    for family, (full, tiny) in VARIANTS.items():
-        name = tiny if args.quick else full
-        if wanted and name not in wanted:
-            continue
+    for name in names:
         if name not in registered:
             print(f"skip {name}: not registered", file=sys.stderr)
+            continue
+        family = bs.get_spec(name).family
+        if family not in RAW:
+            print(f"skip {name}: no raw/peer models for family {family!r}", file=sys.stderr)
             continue
         rows.append(bench_one(name, family, args))
         print(f"done {name}", file=sys.stderr, flush=True)

@@ -1,6 +1,7 @@
 """The command line and image preprocessing."""
 
 import json
+import types
 
 import numpy as np
 import pytest
@@ -42,6 +43,29 @@ def test_extract_folder_with_maps_and_weights(tmp_path):
     batch = bs.preprocess([bs.load_image(p) for p in paths], model.spec, size=64)
     with torch.inference_mode():
         torch.testing.assert_close(tensors["embeddings"], model.eval().embed(batch))
+        expected = model.features(batch)
+    features_out = tmp_path / "f.safetensors"
+    result = CliRunner().invoke(main, ["extract", str(folder), "-b", "resnet_test", "-w", str(weights),
+                                       "-o", str(features_out), "--maps", "features", "--size", "64"])
+    assert result.exit_code == 0, result.output
+    tensors, _, _ = read_extraction(features_out)
+    assert {k for k in tensors if k != "embeddings"} == {f"features.{n}" for n in model.spec.feature_names}
+    for name, fmap in expected.items():
+        torch.testing.assert_close(tensors[f"features.{name}"], fmap)
+
+
+def test_cli_plugins_lists_broken_and_disabled_plugins(monkeypatch):
+    broken = types.SimpleNamespace(register_backbones=bs.hookimpl(lambda register: 1 / 0))
+    record = bs.register_plugin(broken, name="broken_cli_plugin")
+    try:
+        assert not record.ok
+        text = CliRunner().invoke(main, ["plugins"]).output
+        line = next(l for l in text.splitlines() if l.startswith("broken_cli_plugin"))
+        assert "ERROR" in line and "ZeroDivisionError" in line
+        resnet = next(l for l in text.splitlines() if l.startswith("resnet "))
+        assert "backbone-sdk" in resnet and bs.__version__ in resnet and "resnet50" in resnet
+    finally:
+        bs.unregister_plugin("broken_cli_plugin")
 
 
 def test_list_info_plugins_and_unknown_name():

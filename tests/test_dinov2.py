@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import backbone_sdk as bs
+from _frameworks import require
 from conftest import scramble
 
 NAMES = ["dinov2_test", "dinov2_reg_test"]
@@ -173,7 +174,7 @@ def test_transformers_save_pretrained_directory(name, tmp_path):
 
 # -- timm ------------------------------------------------------------------------------------------
 def _timm(registers=False, swiglu=False, dynamic=False):
-    timm = pytest.importorskip("timm")
+    timm = require("timm")
     kwargs = dict(pretrained=False, embed_dim=DIM, depth=DEPTH, num_heads=HEADS, img_size=NATIVE, num_classes=0,
                   dynamic_img_size=dynamic)
     if swiglu:

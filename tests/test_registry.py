@@ -48,7 +48,7 @@ class FakeEntryPoint:
         self.name, self.value, self.dist, self._target = name, f"fake.{name}", None, target
 
     def load(self):
-        if isinstance(self._target, Exception):
+        if isinstance(self._target, BaseException):
             raise self._target
         return self._target
 
@@ -95,8 +95,32 @@ def test_plugin_registering_a_taken_name_is_skipped():
     reg = registry_with(FakeEntryPoint("a_first", plugin("toy_same")), FakeEntryPoint("b_second", plugin("toy_same", "toy_c")))
     assert reg.names() == ["toy_same"]
     rec = {r.name: r for r in reg.records()}
-    assert "already taken" in rec["b_second"].error and "a_first" in rec["b_second"].error
+    assert "'toy_same' (taken by plugin 'a_first')" in rec["b_second"].error
     assert reg.get("toy_same").plugin == "a_first"
+
+
+def test_plugin_registering_a_name_twice_is_skipped():
+    reg = registry_with(FakeEntryPoint("twice", plugin("toy_dup", "toy_d", "toy_dup")), FakeEntryPoint("ok", plugin("toy_e")))
+    assert reg.names() == ["toy_e"]
+    error = {r.name: r for r in reg.records()}["twice"].error
+    assert "'toy_dup' (registered twice by this plugin)" in error and "taken by" not in error
+
+
+def test_plugin_calling_sys_exit_does_not_end_the_process():
+    bad = types.SimpleNamespace(register_backbones=bs.hookimpl(lambda register: sys.exit(3)))
+    reg = registry_with(FakeEntryPoint("exits_at_import", SystemExit(2)), FakeEntryPoint("exits", bad),
+                        FakeEntryPoint("fine", plugin("toy_f")))
+    assert reg.names() == ["toy_f"]
+    errors = {r.name: r.error for r in reg.records()}
+    assert "SystemExit" in errors["exits_at_import"] and "SystemExit" in errors["exits"]
+
+
+def test_import_loads_no_plugin():
+    code = ("import sys, backbone_sdk as bs; "
+            "assert not [m for m in sys.modules if m.startswith('backbone_sdk.plugins')], 'plugins imported'; "
+            "assert bs.default_registry.pm.get_plugins() == set(); bs.list_backbones(); "
+            "assert 'backbone_sdk.plugins.resnet' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_plugin_with_misspelled_hook_is_reported():
@@ -238,3 +262,26 @@ def test_convert_checkpoint_hook_of_a_third_party_plugin():
             bs.create_backbone("resnet_test", weights=foreign)
     finally:
         bs.unregister_plugin("conv")
+
+
+def test_a_raising_converter_does_not_break_other_families():
+    broken = types.SimpleNamespace()
+
+    @bs.hookimpl
+    def convert_checkpoint(spec, state_dict, source_format):
+        raise RuntimeError("converter bug")
+
+    broken.convert_checkpoint = convert_checkpoint
+    bs.register_plugin(broken, name="broken_converter")
+    try:
+        ref = bs.create_backbone("resnet_test")
+        torchvision_layout = {k.replace("model.embedder.embedder.convolution.", "conv1."): v
+                              for k, v in ref.state_dict().items()}
+        assert any(k.startswith("conv1.") for k in torchvision_layout)
+        native = bs.create_backbone("resnet_test", weights=ref.state_dict())  # no conversion needed
+        assert native.load_report.exact
+        with pytest.raises(bs.CheckpointError, match="'broken_converter' raised RuntimeError: converter bug"):
+            bs.load_weights(bs.create_backbone("toy_net") if "toy_net" in bs.list_backbones()
+                            else bs.create_backbone("vit_test"), {"foreign.w": torch.zeros(1)}, weights_format="timm")
+    finally:
+        bs.unregister_plugin("broken_converter")

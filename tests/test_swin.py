@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import backbone_sdk as bs
+from _frameworks import require
 from conftest import scramble
 
 DEPTHS = (2, 2, 2, 2)  # two blocks per stage: every stage has a shifted block, stage 4 (map == window) unshifted
@@ -112,7 +113,7 @@ def test_results_do_not_depend_on_earlier_calls():
 
 
 def _timm_swin(img_size=64, window=2):
-    timm = pytest.importorskip("timm")
+    timm = require("timm")
     ref = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, embed_dim=16, depths=DEPTHS,
                             num_heads=(1, 1, 2, 2), window_size=window, img_size=img_size, num_classes=10)
     # attn_mask buffers are constants derived from the geometry (not weights): keep them unscrambled

@@ -52,6 +52,7 @@ from ..backbone import PYRAMID_LEVELS, Backbone  # noqa: E402
 from ..factory import create_backbone  # noqa: E402
 from ..registry import get_spec  # noqa: E402
 from ..specs import BackboneSpec  # noqa: E402
+from ..weights import CHECKPOINT_SUFFIXES  # noqa: E402
 
 __all__ = [
     "SDKBackbone",
@@ -78,7 +79,6 @@ _CFG_KEYS = {
     "finetune": "FINETUNE", "norm_eval": "NORM_EVAL", "use_pyramid": "USE_PYRAMID",
     "grad_checkpoint": "GRAD_CHECKPOINT",
 }
-_CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".pkl", ".ckpt")
 _PIXEL_TOLERANCE = 1e-2  # in 0-255 units: configs round the ImageNet statistics to 2-3 decimals
 
 
@@ -146,7 +146,7 @@ def _check_weights_path(weights, label: str) -> None:
     if not isinstance(weights, (str, os.PathLike)):
         return
     text = os.fspath(weights)
-    local = text.startswith((".", "/", "~")) or text.lower().endswith(_CHECKPOINT_SUFFIXES)
+    local = text.startswith((".", "/", "~")) or text.lower().endswith(CHECKPOINT_SUFFIXES)
     if local and not Path(text).expanduser().exists():
         raise ConfigError(f"{label}: checkpoint {text!r} not found (working directory {os.getcwd()}). "
                           "Give an existing .safetensors/.pt/.pth file, a hub-layout directory or a hub id.")

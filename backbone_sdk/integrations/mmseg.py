@@ -232,7 +232,8 @@ class BackboneSDK(BaseModule):
 
         if isinstance(source, str) and source == "hub":
             if not self.spec.hub_id:
-                raise ValueError(f"{self.spec.name} has no published hub id; pass a checkpoint path instead")
+                raise CheckpointError(f"{self.spec.name} has no published hub id, so weights='hub' cannot be "
+                                      "resolved; pass a checkpoint file, a hub-layout directory or a hub id instead.")
             source = self.spec.hub_id
         if prefix is None and not isinstance(source, Mapping) and not _is_local_file(source):
             report = load_weights(self.body, source, weights_format=weights_format, strict=strict)
