@@ -27,10 +27,12 @@ def _conv_norm(cin: int, cout: int, kernel: int) -> nn.Sequential:
 
 
 class SimpleFeaturePyramid(nn.Module):
-    """``[B, dim, h, w]`` map at any patch stride → ``{"p2".."p5": [B, out_channels, H/s, W/s]}``.
+    """``[B, dim, h, w]`` map at any patch stride → ``{"p2".."p5": [B, out_channels, ceil(H/s), ceil(W/s)]}``.
 
     The input map is first resampled to the stride-16 grid ``ceil(H/16) x ceil(W/16)`` (a no-op
-    for patch-16 models), then scaled by 4, 2, 1 and 1/2 as in ViTDet.
+    for patch-16 models), then scaled by 4, 2, 1 and 1/2 as in ViTDet. Map sizes follow the
+    convention of strided convolutions (``ceil(H / stride)``, as ResNet and Swin): where ``H`` is not
+    a multiple of 16, the up-sampled p2/p3 are resampled to that size (a no-op otherwise).
     """
 
     def __init__(self, dim: int, out_channels: int = 256):
@@ -42,15 +44,21 @@ class SimpleFeaturePyramid(nn.Module):
             nn.ConvTranspose2d(half, quarter, 2, stride=2),
         )
         self.up2 = nn.ConvTranspose2d(dim, half, 2, stride=2)
-        self.down2 = nn.MaxPool2d(2, stride=2)
+        self.down2 = nn.MaxPool2d(2, stride=2, ceil_mode=True)
         self.outputs = nn.ModuleList(
             nn.Sequential(_conv_norm(c, out_channels, 1), _conv_norm(out_channels, out_channels, 3))
             for c in (quarter, half, dim, dim)
         )
 
     def forward(self, x: torch.Tensor, image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
-        grid = (-(-image_size[0] // 16), -(-image_size[1] // 16))
-        if tuple(x.shape[-2:]) != grid:
-            x = F.interpolate(x, size=grid, mode="bilinear", align_corners=False)
-        maps = (self.up4(x), self.up2(x), x, self.down2(x))
+        h, w = image_size
+        x = _resize(x, (-(-h // 16), -(-w // 16)))
+        maps = (_resize(self.up4(x), (-(-h // 4), -(-w // 4))), _resize(self.up2(x), (-(-h // 8), -(-w // 8))),
+                x, self.down2(x))
         return {f"p{i + 2}": head(m) for i, (head, m) in enumerate(zip(self.outputs, maps))}
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(x.shape[-2:]) == size:
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)

@@ -4,6 +4,7 @@ import json
 import math
 import subprocess
 import sys
+from functools import partial
 
 import pytest
 import torch
@@ -185,6 +186,33 @@ def test_image_tower_only(open_clip, open_clip_model):
         model.embed_text(["a cat"])
     with pytest.raises(TypeError, match="no text tower"):
         ZeroShotClassifier(model, ["cat"])
+
+
+def test_matches_timm_clip_image_tower():
+    """timm's vit_*_clip_* layout (pre-norm ViT, fused qkv, projection as a zero-bias head)."""
+    timm = require("timm")
+    from timm.models.vision_transformer import VisionTransformer
+
+    ref = scramble(VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, pre_norm=True,
+                                     num_classes=16, act_layer="quick_gelu", norm_layer=partial(torch.nn.LayerNorm,
+                                                                                                eps=1e-5))).eval()
+    with torch.no_grad():
+        ref.head.bias.zero_()
+    assert timm.__version__
+    model = _ours(with_text=False)
+    report = bs.load_weights(model, ref.state_dict())
+    assert report.format == "timm" and report.exact
+    x = torch.randn(2, 3, 32, 32)  # native size: timm resamples position embeddings with antialiasing
+    with torch.no_grad():
+        torch.testing.assert_close(model.embed(x), ref(x), rtol=0, atol=1e-4)
+        feats = model.features(x)
+        expected = ref.get_intermediate_layers(x, n=2, reshape=True, norm=False)
+    for got, want in zip((feats["block0"], feats["block1"]), expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    with torch.no_grad():
+        ref.head.bias.fill_(0.1)
+    with pytest.raises(bs.CheckpointError, match="classifier head"):
+        bs.load_weights(model, ref.state_dict())
 
 
 def test_wrong_checkpoints_raise_mismatch(open_clip_model):

@@ -47,6 +47,19 @@ def test_pyramid_strides_4_to_32(model):
         assert pyr[info.name].shape == (1, info.channels, h // info.stride, w // info.stride), info
 
 
+def test_maps_at_sizes_not_multiple_of_32(model):
+    """Every map is ``ceil(size / stride)`` (the strided-convolution convention), also where the
+    size is no multiple of 16 or 32 and a plain ViT's simple pyramid has to resample."""
+    div = model.spec.input.size_divisibility
+    sizes = [n for n in range(max(model.spec.input.min_size, 40), 200) if n % div == 0 and n % 16]
+    h, w = sizes[0], sizes[3]
+    x = torch.randn(1, 3, h, w)
+    for info, fmap in zip(model.pyramid_info, model.pyramid(x).values()):
+        assert fmap.shape[-2:] == (-(-h // info.stride), -(-w // info.stride)), (info, h, w)
+    for info, fmap in zip(model.feature_info, model.features(x).values()):
+        assert fmap.shape[-2:] == (-(-h // info.stride), -(-w // info.stride)), (info, h, w)
+
+
 def test_embed_and_tokens(model):
     x = torch.randn(2, 3, _size(model.spec), _size(model.spec))
     emb = model.embed(x)

@@ -15,9 +15,11 @@ id). ``create_backbone(name, with_text=False)`` drops the text tower and ``logit
 tower alone, e.g. for detection); text keys of checkpoints are then ignored.
 
 Weights: transformers checkpoints (``openai/clip-vit-*`` hub ids, ``CLIPModel`` /
-``CLIPVisionModelWithProjection`` state dicts) and the OpenAI release / open_clip layout
+``CLIPVisionModelWithProjection`` state dicts), the OpenAI release / open_clip layout
 (``visual.transformer.resblocks.*``, fused ``in_proj_weight``, ``visual.proj`` and
-``text_projection`` used as ``x @ P``), formats ``"openai"`` / ``"open_clip"``.
+``text_projection`` used as ``x @ P``), formats ``"openai"`` / ``"open_clip"``, and timm's image
+towers (``vit_*_clip_*``: ``norm_pre``, ``blocks.N.attn.qkv``, ``head`` = projection), format
+``"timm"``, which hold no text tower: load them with ``with_text=False``.
 
 The ResNet CLIP models (RN50, RN101, RN50x4...) are not registered: transformers has no
 implementation of their modified ResNet with attention pooling.
@@ -32,6 +34,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..errors import CheckpointError
 from ..hookspecs import hookimpl
 from ..pyramid import SimpleFeaturePyramid
 from ..specs import CLIP_MEAN, CLIP_STD, BackboneSpec, InputSpec
@@ -271,6 +274,40 @@ def convert_openai(state):
     return state
 
 
+_TIMM_RULES = [
+    (r"^cls_token$", "model.vision_model.embeddings.class_embedding"),
+    (r"^pos_embed$", "model.vision_model.embeddings.position_embedding.weight"),
+    (r"^patch_embed\.proj\.", "model.vision_model.embeddings.patch_embedding."),
+    (r"^norm_pre\.", "model.vision_model.pre_layrnorm."),
+    (r"^blocks\.(\d+)\.norm1\.", r"model.vision_model.encoder.layers.\1.layer_norm1."),
+    (r"^blocks\.(\d+)\.norm2\.", r"model.vision_model.encoder.layers.\1.layer_norm2."),
+    (r"^blocks\.(\d+)\.attn\.qkv\.", r"model.vision_model.encoder.layers.\1.self_attn.qkv."),
+    (r"^blocks\.(\d+)\.attn\.proj\.", r"model.vision_model.encoder.layers.\1.self_attn.out_proj."),
+    (r"^blocks\.(\d+)\.mlp\.", r"model.vision_model.encoder.layers.\1.mlp."),
+    (r"^norm\.", "model.vision_model.post_layernorm."),
+    (r"^head\.weight$", "model.visual_projection.weight"),
+]
+
+
+def convert_timm(state):
+    """timm ``vit_*_clip_*`` image tower (``norm_pre``, fused ``attn.qkv``, ``head`` = projection) -> native keys.
+
+    timm stores CLIP's bias-free projection as ``head`` with an all-zero bias; a non-zero one (a
+    fine-tuned classifier) has no place in CLIP and is refused.
+    """
+    bias = state.get("head.bias")
+    if bias is not None and bool(bias.abs().max() > 0):
+        raise CheckpointError("this timm checkpoint has a classifier head (non-zero head.bias), not CLIP's "
+                              "projection; load the image tower without it (drop the head.* keys) into a "
+                              "with_text=False model, or use the OpenAI/open_clip release.")
+    state = {k: v for k, v in state.items() if k != "head.bias"}
+    state = {k: v.flatten() if k == "cls_token" else v[0] if k == "pos_embed" else v for k, v in state.items()}
+    state = rename(state, _TIMM_RULES)
+    for kind in ("weight", "bias"):
+        state = split_qkv(state, f".qkv.{kind}", lambda p, kind=kind: tuple(f"{p}.{c}_proj.{kind}" for c in "qkv"))
+    return state
+
+
 def convert_transformers(state):
     """``CLIPModel`` / ``CLIPVisionModelWithProjection`` state dict -> native keys."""
     state = strip_prefixes(state, ["clip."])
@@ -288,6 +325,8 @@ def convert_checkpoint(spec, state_dict, source_format):
     if source_format in (None, "openai", "open_clip") and has_keys(state_dict, "visual.transformer.resblocks."):
         fmt = source_format or ("openai" if "input_resolution" in state_dict else "open_clip")
         converted = convert_openai(state_dict)
+    elif source_format in (None, "timm") and has_keys(state_dict, "norm_pre.", "blocks.0.attn.qkv."):
+        fmt, converted = "timm", convert_timm(state_dict)
     elif source_format in (None, "transformers") and (
         has_keys(state_dict, "vision_model.") or has_keys(state_dict, "clip.vision_model.")
     ):

@@ -70,7 +70,7 @@ _VARIANTS = {
     "vit_small_patch16_384": ("small", 16, 384, _HALF, _HALF, "timm/vit_small_patch16_384.augreg_in21k_ft_in1k", 1e-6, False, "ViT-S/16 @384"),
     "vit_base_patch16_224": ("base", 16, 224, _HALF, _HALF, "google/vit-base-patch16-224", 1e-12, False, "ViT-B/16"),
     "vit_base_patch16_384": ("base", 16, 384, _HALF, _HALF, "google/vit-base-patch16-384", 1e-12, False, "ViT-B/16 @384"),
-    "vit_base_patch32_224": ("base", 32, 224, _HALF, _HALF, "google/vit-base-patch32-224-in21k", 1e-12, False, "ViT-B/32"),
+    "vit_base_patch32_224": ("base", 32, 224, _HALF, _HALF, "google/vit-base-patch32-224-in21k", 1e-12, False, "ViT-B/32 (ImageNet-21k)"),
     "vit_base_patch32_384": ("base", 32, 384, _HALF, _HALF, "google/vit-base-patch32-384", 1e-12, False, "ViT-B/32 @384"),
     "vit_large_patch16_224": ("large", 16, 224, _HALF, _HALF, "google/vit-large-patch16-224", 1e-12, False, "ViT-L/16"),
     "vit_large_patch16_384": ("large", 16, 384, _HALF, _HALF, "google/vit-large-patch16-384", 1e-12, False, "ViT-L/16 @384"),
