@@ -9,7 +9,7 @@ heads, the same batch (2 images, ``--size`` px square, 3 boxes each) and detectr
 - native: ``build_resnet_fpn_backbone`` (FrozenBN, FREEZE_AT=2), with ``RESNETS.STRIDE_IN_1X1=False``
   so that both ResNets are the same network (stride on the 3x3 convolution, as torchvision);
 - sdk: ``build_backbone_sdk_fpn_backbone`` on ``resnet50`` with FREEZE_AT=2 (= ``stages:1``) and
-  ``NORM_EVAL`` (BatchNorm statistics fixed as in FrozenBN; unlike FrozenBN the affine weights still train).
+  ``FROZEN_BN`` (BatchNorm statistics and affine parameters fixed, as detectron2's FrozenBN).
 
 Both compute the same function: the SDK model's BatchNorm statistics are set from one batch (random
 init with statistics 0/1 blows activations up, and the RPN then proposes a handful of degenerate
@@ -54,7 +54,7 @@ def build(kind: str):
     # steps; the step costs the same at any rate
     cfg.SOLVER.BASE_LR = 1e-6
     if kind == "sdk":
-        use_backbone(cfg, "resnet50", norm_eval=True)  # FINETUNE empty: follows FREEZE_AT=2 -> stages:1
+        use_backbone(cfg, "resnet50", frozen_bn=True)  # FINETUNE empty: follows FREEZE_AT=2 -> stages:1
     else:
         cfg.MODEL.RESNETS.STRIDE_IN_1X1 = False
         configure_pixels(cfg, "resnet50")  # same normalized input tensor for both
@@ -104,7 +104,7 @@ def calibrate(sdk_model, data) -> None:
         body(sdk_model.preprocess_image(data).tensor)
     for m in norms:
         m.momentum = 0.1
-    sdk_model.train()  # re-applies norm_eval / frozen stages
+    sdk_model.train()  # re-applies frozen BatchNorms / frozen stages
 
 
 def copy_weights(sdk_model, native_model) -> None:

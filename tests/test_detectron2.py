@@ -101,8 +101,8 @@ def test_add_config_defaults_and_idempotent():
     node = cfg.MODEL.BACKBONE_SDK
     assert node.NAME == "resnet_test"
     assert (node.WEIGHTS, node.WEIGHTS_FORMAT, list(node.OUT_FEATURES), node.FINETUNE) == ("", "", [], "")
-    flags = (node.NORM_EVAL, node.USE_PYRAMID, node.GRAD_CHECKPOINT, node.ALLOW_PIXEL_MISMATCH)
-    assert flags == (False, True, False, False)
+    flags = (node.NORM_EVAL, node.FROZEN_BN, node.USE_PYRAMID, node.GRAD_CHECKPOINT, node.ALLOW_PIXEL_MISMATCH)
+    assert flags == (False, False, True, False, False)
 
 
 def test_use_backbone_sets_builder_pixels_and_options():
@@ -265,6 +265,21 @@ def test_norm_eval_fixes_batchnorm_statistics():
     changed = _changed(before, model)
     assert not {k for k in changed if "running_" in k}
     assert any(k.endswith("normalization.weight") for k in changed)  # affine parameters still train
+
+
+def test_frozen_bn_keeps_every_batchnorm_fixed():
+    cfg = _cfg("resnet_test", finetune="none", frozen_bn=True)
+    model = build_model(cfg)
+    model.train()
+    body = model.backbone.bottom_up.body
+    assert body.finetune_policy.frozen_norm
+    before = _snapshot(model)
+    _train(model, itertools.repeat(_batch(cfg)), iters=2)
+    changed = _changed(before, model)
+    bn_keys = {f"backbone.bottom_up.body.{n}" for n, m in body.named_modules()
+               if isinstance(m, torch.nn.BatchNorm2d)}
+    assert not {k for k in changed if k.rsplit(".", 1)[0] in bn_keys}  # statistics and affine fixed
+    assert any(k.endswith("convolution.weight") for k in changed)
 
 
 @pytest.mark.parametrize("name", ["resnet_test", "vit_test", "swin_test"])
@@ -548,7 +563,7 @@ def test_example_script_runs(tmp_path):
 def test_example_yaml_merges_on_model_zoo_base():
     cfg = example.yacs_cfg(None, config_file=EXAMPLES / "faster_rcnn_sdk.yaml", dataset=DATASET)
     node = cfg.MODEL.BACKBONE_SDK
-    assert (node.NAME, node.FINETUNE, node.NORM_EVAL) == ("resnet50", "stages:1", True)
+    assert (node.NAME, node.FINETUNE, node.FROZEN_BN) == ("resnet50", "stages:1", True)
     sdk.check_pixels(cfg)
     assert cfg.MODEL.BACKBONE.NAME == "build_backbone_sdk_fpn_backbone"
 

@@ -47,6 +47,23 @@ def test_stages_n_freezes_stem_and_first_n(name):
         apply_finetune(model, f"{other}:1")
 
 
+def test_frozen_norm_is_frozen_batchnorm():
+    """frozen_norm: every BatchNorm is a fixed scale and shift (statistics and affine), convolutions train."""
+    model = apply_finetune(bs.create_backbone("resnet_test"), "none", frozen_norm=True).train()
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and all(not b.training and not any(p.requires_grad for p in b.parameters()) for b in bns)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model.embed(torch.randn(2, 3, 64, 64)).pow(2).sum().backward()
+    opt.step()
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(".convolution." in k for k in changed)
+    frozen_bn = FinetunePolicy(mode="none", frozen_norm=True)
+    assert FinetunePolicy.parse("none", frozen_norm=True) == frozen_bn
+    vit = apply_finetune(bs.create_backbone("vit_test"), frozen_bn)  # LayerNorms are not BatchNorms
+    assert all(p.requires_grad for p in vit.parameters())
+
+
 def test_norm_eval_keeps_batchnorm_in_eval():
     model = apply_finetune(bs.create_backbone("resnet_test"), "none", norm_eval=True).train()
     bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]

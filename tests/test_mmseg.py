@@ -194,9 +194,9 @@ def _in_eval(module):
     return {n for n, m in module.named_modules() if not m.training}
 
 
-def _reference(name, policy, norm_eval):
+def _reference(name, policy, norm_eval, frozen_norm=False):
     overrides = sdk._overrides(bs.get_spec(name), pyramid=False)  # same architecture, policy applied directly
-    return apply_finetune(bs.create_backbone(name, **overrides), policy, norm_eval).train()
+    return apply_finetune(bs.create_backbone(name, **overrides), policy, norm_eval, frozen_norm).train()
 
 
 @pytest.mark.parametrize("name", tiny_names())
@@ -206,6 +206,7 @@ def _reference(name, policy, norm_eval):
     (dict(frozen_stages=1, norm_eval=True), "{unit}:1"),
     (dict(finetune="frozen"), "frozen"),
     (dict(frozen_stages=1, finetune="{unit}:1"), "{unit}:1"),
+    (dict(frozen_stages=0, frozen_norm=True), "{unit}:0"),
 ])
 def test_frozen_stages_match_apply_finetune(name, args, policy):
     """mmseg's frozen_stages counts stages of hierarchical nets and blocks of plain ViTs."""
@@ -213,7 +214,7 @@ def test_frozen_stages_match_apply_finetune(name, args, policy):
     policy = policy.format(unit=unit)
     args = {k: v.format(unit=unit) if isinstance(v, str) else v for k, v in args.items()}
     norm_eval = args.get("norm_eval", False)
-    reference = _reference(name, policy, norm_eval)
+    reference = _reference(name, policy, norm_eval, args.get("frozen_norm", False))
     model = MODELS.build(ConfigDict(type="BackboneSDK", name=name, **args))
     segmentor = MODELS.build(ConfigDict(example.tiny_model(name, **args)))
     for wrapper in (model, segmentor.backbone):

@@ -12,7 +12,11 @@ Policies (strings or :class:`FinetunePolicy`):
   ``frozen_stages``; detectron2's ``FREEZE_AT = N + 1``. The unit must match the family.
 - ``"none"``: train everything.
 
-``norm_eval=True`` keeps every BatchNorm in eval mode while training (frozen statistics).
+``norm_eval=True`` keeps every BatchNorm in eval mode while training (frozen statistics; the
+affine weight and bias still train: mmseg's ``norm_eval``). ``frozen_norm=True`` also freezes
+those affine parameters, which makes every BatchNorm a fixed per-channel scale and shift:
+detectron2's ``FrozenBN``, the usual setting for detection with small per-GPU batches.
+Both leave LayerNorms (ViT, Swin) alone.
 """
 
 from __future__ import annotations
@@ -43,19 +47,22 @@ class FinetunePolicy:
     mode: str = attrs.field(validator=attrs.validators.in_(("none", "frozen", "stages", "blocks")))
     n: int = 0
     norm_eval: bool = False
+    frozen_norm: bool = False
 
     @classmethod
-    def parse(cls, policy: "str | FinetunePolicy | None", norm_eval: bool = False) -> "FinetunePolicy":
+    def parse(cls, policy: "str | FinetunePolicy | None", norm_eval: bool = False,
+              frozen_norm: bool = False) -> "FinetunePolicy":
         if isinstance(policy, FinetunePolicy):
-            return attrs.evolve(policy, norm_eval=policy.norm_eval or norm_eval)
+            return attrs.evolve(policy, norm_eval=policy.norm_eval or norm_eval,
+                                frozen_norm=policy.frozen_norm or frozen_norm)
         text = (policy or "none").strip().lower()
         mode, _, count = text.partition(":")
         if mode in ("stages", "blocks"):
             if not count.isdigit():
                 raise ValueError(f"fine-tune policy {policy!r}: write '{mode}:N' with N >= 0, e.g. '{mode}:1'")
-            return cls(mode, int(count), norm_eval)
+            return cls(mode, int(count), norm_eval, frozen_norm)
         if mode in ("none", "frozen") and not count:
-            return cls(mode, 0, norm_eval)
+            return cls(mode, 0, norm_eval, frozen_norm)
         raise ValueError(f"unknown fine-tune policy {policy!r}; use 'frozen', 'stages:N', 'blocks:N' or 'none'")
 
 
@@ -84,18 +91,19 @@ def frozen_modules(backbone: Backbone, policy: FinetunePolicy) -> list[nn.Module
     return []
 
 
-def apply_finetune(backbone: Backbone, policy="none", norm_eval: bool = False) -> Backbone:
+def apply_finetune(backbone: Backbone, policy="none", norm_eval: bool = False, frozen_norm: bool = False) -> Backbone:
     """Apply a fine-tune policy in place (idempotent; re-applying resets earlier choices)."""
-    policy = FinetunePolicy.parse(policy, norm_eval)
+    policy = FinetunePolicy.parse(policy, norm_eval, frozen_norm)
     for p in backbone.parameters():
         p.requires_grad_(True)
-    frozen = frozen_modules(backbone, policy)
+    bns = [m for m in backbone.modules() if isinstance(m, _BN)]
+    frozen = frozen_modules(backbone, policy) + (bns if policy.frozen_norm else [])
     for module in frozen:
         for p in module.parameters():
             p.requires_grad_(False)
     keep_eval = list(frozen)
     if policy.norm_eval:
-        keep_eval += [m for m in backbone.modules() if isinstance(m, _BN)]
+        keep_eval += bns
     backbone.keep_eval = keep_eval
     backbone.trunk_no_grad = policy.mode == "frozen"
     backbone.finetune_policy = policy

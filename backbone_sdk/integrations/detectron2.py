@@ -76,7 +76,7 @@ PYRAMID_NAMES = tuple(f"res{p[1:]}" for p, _ in PYRAMID_LEVELS)
 CFG_PREFIX = "MODEL.BACKBONE_SDK"
 _CFG_KEYS = {
     "name": "NAME", "weights": "WEIGHTS", "weights_format": "WEIGHTS_FORMAT", "out_features": "OUT_FEATURES",
-    "finetune": "FINETUNE", "norm_eval": "NORM_EVAL", "use_pyramid": "USE_PYRAMID",
+    "finetune": "FINETUNE", "norm_eval": "NORM_EVAL", "frozen_bn": "FROZEN_BN", "use_pyramid": "USE_PYRAMID",
     "grad_checkpoint": "GRAD_CHECKPOINT",
 }
 _PIXEL_TOLERANCE = 1e-2  # in 0-255 units: configs round the ImageNet statistics to 2-3 decimals
@@ -165,6 +165,8 @@ class SDKBackbone(D2Backbone):
     :param finetune: ``"none"``, ``"frozen"``, ``"stages:N"`` or ``"blocks:N"`` (see
         :mod:`backbone_sdk.adapters.finetune`; ``stages:N`` = detectron2 ``FREEZE_AT = N + 1``).
     :param norm_eval: keep BatchNorm layers in eval mode (frozen statistics) while training.
+    :param frozen_bn: BatchNorm layers as detectron2's ``FrozenBN``: fixed statistics and fixed
+        affine parameters (ResNet; no effect on LayerNorm families).
     :param use_pyramid: return ``pyramid()`` levels (strides 4..32; a trainable simple feature
         pyramid for plain ViTs) instead of raw ``features()`` levels.
     :param grad_checkpoint: recompute backbone activations in backward to save memory.
@@ -173,7 +175,8 @@ class SDKBackbone(D2Backbone):
 
     def __init__(self, name: str, weights: Any = None, weights_format: str | None = None,
                  out_features: Sequence[str] | None = None, finetune: Any = "none", norm_eval: bool = False,
-                 use_pyramid: bool = True, grad_checkpoint: bool = False, *, config_prefix: str | None = None):
+                 frozen_bn: bool = False, use_pyramid: bool = True, grad_checkpoint: bool = False, *,
+                 config_prefix: str | None = None):
         super().__init__()
 
         def key(arg):
@@ -185,7 +188,7 @@ class SDKBackbone(D2Backbone):
         self.spec = spec
         self.use_pyramid = bool(use_pyramid)
         self._out_features = _resolve_out_features(spec, out_features, self.use_pyramid, key("out_features"))
-        policy = _checked(key("finetune"), FinetunePolicy.parse, finetune, bool(norm_eval))
+        policy = _checked(key("finetune"), FinetunePolicy.parse, finetune, bool(norm_eval), bool(frozen_bn))
         _check_weights_path(weights, key("weights"))
         try:
             self.body: Backbone = create_backbone(spec.name, weights=weights or None,
@@ -209,7 +212,8 @@ class SDKBackbone(D2Backbone):
         return cls(
             name=node.NAME, weights=node.WEIGHTS or None, weights_format=node.WEIGHTS_FORMAT or None,
             out_features=list(node.OUT_FEATURES) or out_features, finetune=_policy_from_cfg(cfg, spec),
-            norm_eval=node.NORM_EVAL, use_pyramid=node.USE_PYRAMID, grad_checkpoint=node.GRAD_CHECKPOINT,
+            norm_eval=node.NORM_EVAL, frozen_bn=node.FROZEN_BN, use_pyramid=node.USE_PYRAMID,
+            grad_checkpoint=node.GRAD_CHECKPOINT,
             config_prefix=CFG_PREFIX,
         )
 
@@ -279,7 +283,8 @@ def add_backbone_sdk_config(cfg: CfgNode) -> CfgNode:
     ``NAME`` backbone name; ``WEIGHTS``/``WEIGHTS_FORMAT`` backbone checkpoint (independent of the
     detector's ``MODEL.WEIGHTS``); ``OUT_FEATURES`` (empty: ``MODEL.FPN.IN_FEATURES`` under FPN,
     otherwise the defaults of :class:`SDKBackbone`); ``FINETUNE`` (empty: follow
-    ``MODEL.BACKBONE.FREEZE_AT``, i.e. ``stages:FREEZE_AT-1``); ``NORM_EVAL``; ``USE_PYRAMID``;
+    ``MODEL.BACKBONE.FREEZE_AT``, i.e. ``stages:FREEZE_AT-1``); ``NORM_EVAL``; ``FROZEN_BN`` (BatchNorm
+    as detectron2's FrozenBN: fixed statistics and affine parameters); ``USE_PYRAMID``;
     ``GRAD_CHECKPOINT``; ``ALLOW_PIXEL_MISMATCH`` (skip the pixel-statistics check).
     """
     if "BACKBONE_SDK" in cfg.MODEL:
@@ -291,6 +296,7 @@ def add_backbone_sdk_config(cfg: CfgNode) -> CfgNode:
     node.OUT_FEATURES = []
     node.FINETUNE = ""
     node.NORM_EVAL = False
+    node.FROZEN_BN = False
     node.USE_PYRAMID = True
     node.GRAD_CHECKPOINT = False
     node.ALLOW_PIXEL_MISMATCH = False

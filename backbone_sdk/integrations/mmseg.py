@@ -111,17 +111,18 @@ def backbone_strides(name: str, out_indices=None, pyramid: bool = False) -> list
 
 
 # -- fine-tune policy ------------------------------------------------------------------------------
-def _policy(spec: BackboneSpec, frozen_stages: int | None, finetune, norm_eval: bool) -> FinetunePolicy:
+def _policy(spec: BackboneSpec, frozen_stages: int | None, finetune, norm_eval: bool,
+            frozen_norm: bool = False) -> FinetunePolicy:
     """One :class:`FinetunePolicy` from mmseg's ``frozen_stages`` and/or a policy string."""
     if frozen_stages is None:
         frozen_stages = -1
     if not isinstance(frozen_stages, int) or frozen_stages < -1:
         raise ValueError(f"frozen_stages must be an int >= -1 (-1: train everything), got {frozen_stages!r}")
     mode = "blocks" if spec.plain else "stages"
-    from_frozen = FinetunePolicy(mode, frozen_stages, norm_eval) if frozen_stages >= 0 else None
+    from_frozen = FinetunePolicy(mode, frozen_stages, norm_eval, frozen_norm) if frozen_stages >= 0 else None
     if finetune is None:
-        return from_frozen or FinetunePolicy("none", 0, norm_eval)
-    policy = FinetunePolicy.parse(finetune, norm_eval)
+        return from_frozen or FinetunePolicy("none", 0, norm_eval, frozen_norm)
+    policy = FinetunePolicy.parse(finetune, norm_eval, frozen_norm)
     agrees = policy.mode in ("stages", "blocks") and policy.n == frozen_stages
     if from_frozen is not None and not agrees:
         raise ValueError(
@@ -168,6 +169,8 @@ class BackboneSDK(BaseModule):
     :param frozen_stages: mmseg convention: ``-1`` trains everything, ``N`` freezes the stem and
         the first ``N`` stages (blocks for plain ViTs) = policy ``"stages:N"``.
     :param norm_eval: keep BatchNorm layers in eval mode (frozen statistics) while training.
+    :param frozen_norm: also freeze BatchNorm affine parameters (mmseg's ``norm_cfg`` with
+        ``requires_grad=False`` plus ``norm_eval``; detectron2's FrozenBN).
     :param finetune: any backbone_sdk fine-tune policy (``"frozen"``, ``"stages:N"``, ``"blocks:N"``,
         ``"none"``); must agree with ``frozen_stages`` when both are set.
     :param init_cfg: ``dict(type='Pretrained', checkpoint=..., prefix='backbone.')`` is loaded
@@ -179,7 +182,8 @@ class BackboneSDK(BaseModule):
     """
 
     def __init__(self, name: str, weights: Any = None, weights_format: str | None = None, out_indices=None,
-                 pyramid: bool = False, frozen_stages: int = -1, norm_eval: bool = False, finetune=None,
+                 pyramid: bool = False, frozen_stages: int = -1, norm_eval: bool = False, frozen_norm: bool = False,
+                 finetune=None,
                  init_cfg=None, grad_checkpoint: bool = False, pretrained: str | None = None):
         if pretrained is not None:
             if init_cfg is not None:
@@ -190,7 +194,7 @@ class BackboneSDK(BaseModule):
         self.pyramid = bool(pyramid)
         self.out_indices = _resolve_indices(spec, out_indices, self.pyramid)
         self.out_names = tuple(_out_levels(name, self.out_indices, self.pyramid)[0])
-        policy = _policy(spec, frozen_stages, finetune, norm_eval)
+        policy = _policy(spec, frozen_stages, finetune, norm_eval, frozen_norm)
         self.overrides = _overrides(spec, self.pyramid)
         self.body = create_backbone(name, **self.overrides)
         self.weights_format = weights_format

@@ -24,7 +24,7 @@ model.backbone.bottom_up = L(SDKBackbone)(
     weights=None,                 # "hub" or a checkpoint file for pretrained weights
     out_features=["res2", "res3", "res4", "res5"],   # = backbone.pyramid() p2..p5, FPN in_features
     finetune="stages:1",          # "blocks:N" for plain ViTs (ViT, DINOv2, CLIP)
-    norm_eval=True,
+    frozen_bn=True,               # BatchNorm as detectron2's FrozenBN (no effect on Swin's LayerNorms)
     use_pyramid=True,
 )
 # detectron2's FPN pads inputs to multiples of 32; SDKFPN also honours the bottom-up's own

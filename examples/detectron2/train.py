@@ -206,10 +206,11 @@ def main(argv=None):
         trainer = train_lazy(lazy_cfg(args.backbone, dataset, args.tiny, args.size), args.iters)
     else:
         cfg = yacs_cfg(args.backbone, args.config, args.mask, dataset, args.iters, output, args.tiny, args.size)
-        if not cfg.MODEL.BACKBONE_SDK.WEIGHTS and cfg.MODEL.BACKBONE_SDK.NORM_EVAL:
+        node = cfg.MODEL.BACKBONE_SDK
+        if not node.WEIGHTS and (node.NORM_EVAL or node.FROZEN_BN):
             # fixed BatchNorm statistics only make sense for pretrained weights: random ones are 0/1
-            print("no backbone weights given: training BatchNorm statistics (NORM_EVAL=False)")
-            cfg.MODEL.BACKBONE_SDK.NORM_EVAL = False
+            print("no backbone weights given: training BatchNorm layers (NORM_EVAL=False, FROZEN_BN=False)")
+            node.NORM_EVAL = node.FROZEN_BN = False
         trainer = make_trainer(cfg)
         trainer.resume_or_load(resume=False)
         trainer.train()
