@@ -11,6 +11,7 @@ import backbone_sdk as bs
 from backbone_sdk.adapters.vlm import VisionTower, build_projector
 from backbone_sdk.errors import CheckpointMismatchError
 from backbone_sdk.integrations.llm import IGNORE_INDEX, LlavaVisionShim, MultimodalLM, llava_with_backbone
+from _frameworks import load_example
 from conftest import tiny_names
 
 TINY = tiny_names()
@@ -349,15 +350,13 @@ def test_llava_shim_computes_only_requested_states():
         llava_with_backbone(VisionTower("swin_test", finetune=None), tiny_lm(8), 7, select_feature="cls_patch")
 
 
-def test_example_trains_generates_and_reloads(tmp_path, capsys):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "examples" / "vlm" / "train_tiny.py"
-    spec = importlib.util.spec_from_file_location("train_tiny", path)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
-    example.main(["--towers", "vit_test", "not_registered", "--steps", "3", "--batch", "2", "--save", str(tmp_path)])
+@pytest.mark.parametrize("lm", ["llama", "qwen2"])
+def test_example_trains_generates_and_reloads(tmp_path, capsys, lm):
+    """The example's default DINOv2 and CLIP towers, on both LM styles, plus the fallback for unknown names."""
+    example = load_example("vlm", "train_tiny.py")
+    example.main(["--towers", "dinov2_test", "clip_test", "not_registered", "--lm", lm, "--steps", "3",
+                  "--batch", "2", "--save", str(tmp_path)])
     out = capsys.readouterr().out
+    assert out.count("== dinov2_test") == 1 and out.count("== clip_test") == 1
     assert out.count("== vit_test") == 1  # the unknown name fell back to vit_test
-    assert "step   3  loss" in out and "generates the same tokens: True" in out
+    assert out.count("step   3  loss") == 3 and out.count("generates the same tokens: True") == 3
