@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
-
 import contextlib
+from typing import Iterable, Sequence
 
 import torch
 from torch import nn
