@@ -12,24 +12,47 @@ from .errors import (
     CheckpointMismatchError,
     InputDtypeError,
     InputShapeError,
+    InvalidOptionError,
+    LayerIndexError,
     MissingDependencyError,
     PluginError,
     UnknownBackboneError,
+    UnsupportedOperationError,
 )
 from .factory import create_backbone
 from .hookspecs import hookimpl
 from .preprocess import load_image, preprocess
-from .registry import default_registry, get_spec, list_backbones, plugin_report, register_plugin, unregister_plugin
-from .specs import BackboneSpec, FeatureInfo, InputSpec, Tokens
+from .registry import (
+    Registry,
+    active_registry,
+    default_registry,
+    get_spec,
+    list_backbones,
+    plugin_report,
+    register_plugin,
+    unregister_plugin,
+    use_registry,
+)
+from .specs import NECK, BackboneConfig, BackboneSpec, FeatureInfo, InputSpec, PrefixTokens, PyramidSpec, Tokens
 from .weights import LoadReport, load_weights, save_weights
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "NECK",
     "PYRAMID_LEVELS",
     "Backbone",
+    "BackboneConfig",
     "BackboneSDKError",
     "BackboneSpec",
+    "InvalidOptionError",
+    "LayerIndexError",
+    "PrefixTokens",
+    "PyramidSpec",
+    "Registry",
+    "UnsupportedOperationError",
+    "active_registry",
+    "use_registry",
     "CheckpointError",
     "CheckpointMismatchError",
     "FeatureInfo",

@@ -8,27 +8,35 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from .errors import InputDtypeError, InputShapeError
-from .specs import BackboneSpec, FeatureInfo, Tokens
+from .errors import InputDtypeError, InputShapeError, InvalidOptionError, LayerIndexError, UnsupportedOperationError
+from .layers.pyramid import SimpleFeaturePyramid
+from .specs import NECK, PYRAMID_LEVELS, BackboneSpec, FeatureInfo, Tokens
 
 __all__ = ["Backbone", "PYRAMID_LEVELS"]
 
-#: Names and strides of the maps returned by :meth:`Backbone.pyramid`.
-PYRAMID_LEVELS = (("p2", 4), ("p3", 8), ("p4", 16), ("p5", 32))
+#: state-dict prefix of the neck in checkpoints written before the neck moved into the base class
+_LEGACY_NECK_PREFIX = "simple_" + "pyramid."
 
 
 class Backbone(nn.Module):
-    """Base class of every backbone_sdk model.
+    """Base class of every backbone_sdk model: the contract adapters and integrations rely on.
 
-    Subclasses implement :meth:`_features` (compute the named levels, stopping after the deepest
-    one), :meth:`embed` and :meth:`tokens`, and describe their trainable groups in
-    :meth:`stage_modules` for fine-tuning policies. Images are float ``[B, 3, H, W]`` normalized
-    with ``spec.input.mean/std`` (see :func:`backbone_sdk.preprocess`).
+    A family implements :meth:`_features` (compute the named levels, stopping after the deepest
+    one) and :meth:`stage_modules`; everything else has a default derived from the spec:
+
+    - :meth:`pyramid`: the four levels at strides 4-32 (hierarchical nets), or the simple feature
+      pyramid neck this base class builds on the last level (part ``"neck"``);
+    - :meth:`embed`: the global average of the last level (when ``embed_dim`` equals its width);
+    - :meth:`run_layers` / :meth:`tokens`: flattened maps; transformers override
+      :meth:`run_layers` to return their whole token sequence, prefix tokens included.
+
+    Images are float ``[B, 3, H, W]`` normalized with ``spec.input.mean/std`` (see
+    :func:`backbone_sdk.preprocess`).
     """
 
-    #: state-dict prefixes that foreign checkpoints are not expected to contain (e.g. the ViT
-    #: simple feature pyramid); strict loading reports them instead of failing.
-    optional_key_prefixes: tuple[str, ...] = ()
+    #: state-dict prefixes a foreign checkpoint need not contain (e.g. a mask token used only in
+    #: pre-training): strict loading reports them as initialized instead of failing
+    optional_keys: tuple[str, ...] = ()
 
     def __init__(self, spec: BackboneSpec):
         super().__init__()
@@ -36,8 +44,14 @@ class Backbone(nn.Module):
         #: modules kept in eval mode by ``train()`` (set by fine-tune policies: frozen parts, norms)
         self.keep_eval: list[nn.Module] = []
         #: run the trunk under ``torch.no_grad()`` (the ``frozen`` fine-tune policy): no graph, no
-        #: stored activations, even for inputs that require grad; a simple pyramid after it still trains
+        #: stored activations, even for inputs that require grad; the neck after it still trains
         self.trunk_no_grad = False
+        pyr = spec.pyramid
+        if pyr is not None and not pyr.native:
+            source = spec.feature(pyr.sources[0])
+            self.neck: SimpleFeaturePyramid | None = SimpleFeaturePyramid(source.channels, pyr.levels[0].channels)
+        else:
+            self.neck = None
 
     def train(self, mode: bool = True):
         """``nn.Module.train`` that keeps frozen parts and evaluated norms (``norm_eval``) in eval mode."""
@@ -55,16 +69,22 @@ class Backbone(nn.Module):
 
     @property
     def pyramid_info(self) -> tuple[FeatureInfo, ...]:
-        """What :meth:`pyramid` returns (``p2..p5`` at strides 4, 8, 16, 32)."""
-        return tuple(FeatureInfo(n, c, s) for (n, s), c in zip(PYRAMID_LEVELS, self.pyramid_channels))
+        """What :meth:`pyramid` returns (``p2..p5`` at strides 4, 8, 16, 32); empty if unavailable."""
+        return self.spec.pyramid.levels if self.spec.pyramid is not None else ()
 
     @property
     def pyramid_channels(self) -> tuple[int, ...]:
-        return tuple(f.channels for f in self.spec.features[-4:])
+        return tuple(f.channels for f in self.pyramid_info)
 
     @property
     def embed_dim(self) -> int:
         return self.spec.embed_dim
+
+    @property
+    def optional_key_prefixes(self) -> tuple[str, ...]:
+        """State-dict prefixes strict loading does not require: :attr:`optional_keys` and the neck
+        (a foreign checkpoint of the trunk never holds it)."""
+        return (*self.optional_keys, *(("neck.",) if self.neck is not None else ()))
 
     # -- public API --------------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -72,7 +92,7 @@ class Backbone(nn.Module):
         return self.features(images)
 
     def features(self, images: torch.Tensor, levels: Iterable[str] | str | None = None) -> dict[str, torch.Tensor]:
-        """Named NCHW feature maps ``{name: [B, C, H/stride, W/stride]}``.
+        """Named NCHW feature maps ``{name: [B, C, ceil(H/stride), ceil(W/stride)]}``.
 
         Only ``levels`` (default: all of ``feature_info``) are returned, and the network stops
         after the deepest requested one.
@@ -83,52 +103,127 @@ class Backbone(nn.Module):
             return self._features(images, levels)
 
     def pyramid(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Maps ``p2..p5`` at strides 4, 8, 16, 32 (native stages for hierarchical networks)."""
-        names = self.spec.feature_names[-4:]
-        feats = self.features(images, names)
-        return {p: feats[n] for (p, _), n in zip(PYRAMID_LEVELS, names)}
+        """Maps ``p2..p5`` at strides 4, 8, 16, 32 (``pyramid_info``): native levels renamed, or the
+        simple feature pyramid neck on the last level (trainable, random until trained)."""
+        pyr = self.spec.pyramid
+        if pyr is None:
+            raise UnsupportedOperationError(self._no_pyramid_reason())
+        feats = self.features(images, pyr.sources)
+        if pyr.native:
+            return {info.name: feats[src] for info, src in zip(pyr.levels, pyr.sources)}
+        return self.neck(feats[pyr.sources[0]], tuple(images.shape[-2:]))
+
+    def _no_pyramid_reason(self) -> str:
+        strides = [f.stride for f in self.spec.features]
+        if self.spec.config is not None and NECK in self.spec.config.optional_parts(self.spec.features):
+            return (f"{self.spec.name} was created without its pyramid neck (parts={sorted(self.spec.parts)}); "
+                    f"create it with parts including {NECK!r} to use pyramid().")
+        return (f"{self.spec.name} has no pyramid: its levels have strides {strides}, not 4, 8, 16 and 32, and "
+                "it declares no neck. Use features(), or give its config a neck (see docs/plugins.md).")
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Global embedding ``[B, embed_dim]``."""
-        raise NotImplementedError
+        """Global embedding ``[B, embed_dim]``; by default the spatial mean of the last level."""
+        last = self.spec.features[-1]
+        if last.channels != self.spec.embed_dim:
+            raise UnsupportedOperationError(
+                f"{self.spec.name}: embed_dim {self.spec.embed_dim} differs from its last level's width "
+                f"{last.channels}, so the default embed() (mean of {last.name}) does not apply; the plugin must "
+                "implement embed().")
+        return self.features(images, last.name)[last.name].mean(dim=(2, 3))
+
+    def layer_index(self, layer) -> int:
+        """``layer`` (an int, negative from the end) as an index into ``feature_info``."""
+        depth = len(self.spec.features)
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise LayerIndexError(f"{self.spec.name}: layer must be an int in [-{depth}, {depth - 1}] "
+                                  f"(an index into feature_info), got {layer!r} ({type(layer).__name__})")
+        index = layer + depth if layer < 0 else layer
+        if not 0 <= index < depth:
+            kind = "blocks" if self.spec.plain else "levels"
+            raise LayerIndexError(f"{self.spec.name} has {depth} {kind} ({self.spec.features[0].name}.."
+                                  f"{self.spec.features[-1].name}); layer must be in [-{depth}, {depth - 1}], got {layer}")
+        return index
+
+    def run_layers(self, images: torch.Tensor, layers: Iterable[int]) -> dict[int, torch.Tensor]:
+        """Token sequences ``[B, P + N, D]`` after each level in ``layers`` (indices into
+        ``feature_info``, normalized to ``0..depth-1`` in the result), stopping after the deepest.
+
+        ``P = spec.prefix_tokens.count`` prefix tokens come first, then ``N = grid[0] * grid[1]``
+        patch tokens in row-major order. The default flattens ``features()`` maps (``P = 0``).
+        """
+        indices = sorted({self.layer_index(i) for i in layers})
+        if self.spec.prefix_tokens.count:
+            raise UnsupportedOperationError(f"{self.spec.name} declares {self.spec.prefix_tokens} but does not "
+                                            "implement run_layers(); the plugin must return its token sequence.")
+        names = self.spec.feature_names
+        maps = self.features(images, [names[i] for i in indices])
+        return {i: maps[names[i]].flatten(2).transpose(1, 2) for i in indices}
+
+    def stem_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """The token sequence entering the first layer (``[B, P + N, D]``); transformers only."""
+        raise UnsupportedOperationError(f"{self.spec.name} is not a token model; it has no stem token sequence.")
+
+    def grid(self, images: torch.Tensor, layer: int = -1) -> tuple[int, int]:
+        """Token grid of level ``layer`` for these images: ``ceil(H / stride) x ceil(W / stride)``."""
+        stride = self.spec.features[self.layer_index(layer)].stride
+        return -(-images.shape[-2] // stride), -(-images.shape[-1] // stride)
 
     def tokens(self, images: torch.Tensor, layer: int = -1) -> Tokens:
-        """Token outputs of block ``layer`` (negative counts from the end)."""
-        raise NotImplementedError
+        """Tokens after level ``layer`` (negative counts from the end; LLaVA's -2 = second to last)."""
+        index = self.layer_index(layer)
+        self.check_images(images)
+        return self.split_tokens(self.run_layers(images, [index])[index], self.grid(images, index))
 
-    # -- fine-tuning support ------------------------------------------------------------------
+    def split_tokens(self, x: torch.Tensor, grid: tuple[int, int]) -> Tokens:
+        """A ``[B, P + N, D]`` sequence as :class:`Tokens` following ``spec.prefix_tokens``."""
+        prefix = self.spec.prefix_tokens
+        n, first = prefix.count, int(prefix.cls)
+        return Tokens(patches=x[:, n:], grid=grid, cls=x[:, 0] if prefix.cls else None,
+                      registers=x[:, first:n] if prefix.extra else None)
+
+    # -- training support ----------------------------------------------------------------------
     def trunk_context(self):
         """``torch.no_grad()`` while the trunk is frozen (:attr:`trunk_no_grad`), else a no-op."""
         return torch.no_grad() if self.trunk_no_grad else contextlib.nullcontext()
 
-    def stage_modules(self) -> list[nn.Module]:
-        """Trainable groups in depth order: ``[stem, stage1, ...]`` or ``[embeddings, block0, ...]``.
+    def neck_modules(self) -> list[nn.Module]:
+        """Modules after the trunk that only :meth:`pyramid` uses (the simple feature pyramid)."""
+        return [self.neck] if self.neck is not None else []
 
-        Fine-tune policies freeze prefixes of this list; layer-wise LR decay uses its index.
-        Parameters in none of the groups (heads, pyramid) are treated as the last layer.
+    def trunk_modules(self) -> list[nn.Module]:
+        """Direct children that are not a neck: what the ``frozen`` policy freezes."""
+        necks = {id(m) for m in self.neck_modules()}
+        return [m for m in self.children() if id(m) not in necks]
+
+    def stage_modules(self) -> list[nn.Module]:
+        """Trainable groups in depth order: ``[stem, stage1, ...]`` or ``[embeddings, block0, ...]``
+        (one per level after the stem). Fine-tune policies freeze prefixes of this list; layer-wise
+        LR decay uses its index. Parameters in none of the groups (heads, neck) count as the last layer.
         """
-        raise NotImplementedError
+        raise UnsupportedOperationError(f"{self.spec.name} does not list its stage modules; fine-tune policies "
+                                        "other than 'none'/'frozen' need Backbone.stage_modules().")
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of parameters that get no weight decay besides 1-d ones (position tables, special tokens)."""
+        return set()
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute activations in backward to trade compute for memory."""
-        raise NotImplementedError
+        raise UnsupportedOperationError(f"{self.spec.name} does not support gradient checkpointing.")
 
-    def read_transformers_checkpoint(self, directory) -> dict[str, torch.Tensor] | None:
-        """Native state dict from a transformers ``save_pretrained`` directory (any transformers
-        version: ``from_pretrained`` renames legacy keys), or ``None`` if this backbone has no
-        transformers model under ``self.model``. Families with several models override this."""
-        from transformers import PreTrainedModel
+    # -- weights -------------------------------------------------------------------------------
+    def read_pretrained(self, directory: str) -> dict[str, torch.Tensor] | None:
+        """Native state dict from a framework's own checkpoint directory (e.g. a transformers
+        ``save_pretrained`` directory), or ``None`` when the family reads none. Called by
+        :func:`~backbone_sdk.load_weights` before it reads the files itself."""
+        return None
 
-        inner = getattr(self, "model", None)
-        if not isinstance(inner, PreTrainedModel):
-            return None
-        loaded, info = type(inner).from_pretrained(directory, config=inner.config, output_loading_info=True)
-        # keys from_pretrained had to initialize are dropped, so strict loading reports them as missing;
-        # keys of modules this backbone does not use (poolers, heads) are ignored
-        absent = set(info.get("missing_keys", ())) | {m[0] if isinstance(m, tuple) else m
-                                                     for m in info.get("mismatched_keys", ())}
-        ours = inner.state_dict()
-        return {f"model.{k}": v for k, v in loaded.state_dict().items() if k in ours and k not in absent}
+    def upgrade_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Rename keys of checkpoints written by earlier versions of this backbone (native layout)."""
+        if self.neck is not None and any(k.startswith(_LEGACY_NECK_PREFIX) for k in state):
+            state = {("neck." + k[len(_LEGACY_NECK_PREFIX):] if k.startswith(_LEGACY_NECK_PREFIX) else k): v
+                     for k, v in state.items()}
+        return state
 
     # -- validation ----------------------------------------------------------------------------
     def resolve_levels(self, levels: Iterable[str] | str | None) -> tuple[str, ...]:
@@ -137,6 +232,9 @@ class Backbone(nn.Module):
             return names
         if isinstance(levels, str):
             levels = (levels,)
+        if not isinstance(levels, Iterable) or any(not isinstance(lvl, str) for lvl in levels):
+            raise InvalidOptionError(f"{self.spec.name}: levels must be a level name or a list of names from "
+                                     f"{list(names)} (or None for all), got {levels!r}")
         levels = tuple(levels)
         unknown = [lvl for lvl in levels if lvl not in names]
         if unknown or not levels:

@@ -15,6 +15,9 @@ __all__ = [
     "CheckpointMismatchError",
     "PluginError",
     "MissingDependencyError",
+    "InvalidOptionError",
+    "LayerIndexError",
+    "UnsupportedOperationError",
 ]
 
 
@@ -58,6 +61,20 @@ class CheckpointMismatchError(CheckpointError):
         self.missing = list(missing)
         self.unexpected = list(unexpected)
         self.mismatched = list(mismatched)
+
+
+class InvalidOptionError(BackboneSDKError, ValueError):
+    """An argument or architecture override that is unknown or out of range (the message names the
+    accepted values)."""
+
+
+class LayerIndexError(InvalidOptionError, IndexError):
+    """A layer / level index outside what the backbone has, or not an integer."""
+
+
+class UnsupportedOperationError(BackboneSDKError, NotImplementedError):
+    """A call this backbone cannot answer (e.g. ``pyramid()`` of a family without stride 4-32 levels
+    or neck); the message says what the backbone offers instead."""
 
 
 class PluginError(BackboneSDKError, RuntimeError):

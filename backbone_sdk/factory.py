@@ -6,8 +6,9 @@ import logging
 from typing import Any
 
 from .backbone import Backbone
-from .errors import CheckpointError
+from .errors import InvalidOptionError
 from .registry import get_spec
+from .specs import BackboneSpec
 
 __all__ = ["create_backbone"]
 
@@ -16,7 +17,7 @@ _warned_random: set[str] = set()
 
 
 def create_backbone(
-    name: str,
+    name: str | BackboneSpec,
     weights: Any = None,
     *,
     weights_format: str | None = None,
@@ -26,34 +27,33 @@ def create_backbone(
     dtype=None,
     **overrides,
 ) -> Backbone:
-    """Build the backbone registered as ``name``.
+    """Build the backbone registered as ``name`` (or ``plugin:name``, or a spec).
 
     :param weights: ``None`` (random init), ``"hub"`` (the spec's published ``hub_id``), a hub id,
         a local directory in hub layout, a ``.safetensors``/``.pt``/``.pth``/``.bin`` file, or a
         state dict. Foreign layouts (timm, torchvision, OpenAI CLIP, original DINOv2) are detected
         and converted; pass ``weights_format`` to name the layout explicitly.
-    :param overrides: architecture overrides merged into ``spec.config`` (e.g. ``with_pyramid=False``).
+    :param overrides: fields of the family's config (``spec.option_names``), e.g. ``depth=6`` or
+        ``parts=()`` to leave out optional parts (neck, text tower). Unknown names or invalid values
+        raise :class:`~backbone_sdk.InvalidOptionError`; the spec of the result describes its outputs.
     """
-    spec = get_spec(name)
-    if overrides:
-        spec = spec.evolve(config={**spec.config, **overrides})
-    builder = spec.resolve_builder()
-    model = builder(spec)
+    spec = get_spec(name).with_config(**overrides)
+    model = spec.resolve_builder()(spec)
     if not isinstance(model, Backbone):
-        raise TypeError(f"builder of {name!r} returned {type(model).__name__}, not a backbone_sdk.Backbone")
+        raise TypeError(f"builder of {spec.name!r} returned {type(model).__name__}, not a backbone_sdk.Backbone")
     if weights is None:
-        if name not in _warned_random:
-            _warned_random.add(name)
-            log.warning("%s: no weights given, parameters are randomly initialized", name)
+        if spec.name not in _warned_random:
+            _warned_random.add(spec.name)
+            log.warning("%s: no weights given, parameters are randomly initialized", spec.name)
     else:
-        from .weights import load_weights
+        from .weights import load_weights, resolve_source
 
-        if isinstance(weights, str) and weights == "hub":
-            if not spec.hub_id:
-                raise CheckpointError(f"{name} has no published hub id, so weights='hub' cannot be resolved; pass a "
-                                      "checkpoint file, a hub-layout directory or a hub id instead.")
-            weights = spec.hub_id
-        model.load_report = load_weights(model, weights, weights_format=weights_format, strict=strict, sha256=sha256)
+        model.load_report = load_weights(model, resolve_source(spec, weights), weights_format=weights_format,
+                                         strict=strict, sha256=sha256)
     if device is not None or dtype is not None:
-        model.to(device=device, dtype=dtype)
+        try:
+            model.to(device=device, dtype=dtype)
+        except (RuntimeError, TypeError, ValueError) as exc:
+            raise InvalidOptionError(f"create_backbone({spec.name!r}): cannot move to device={device!r}, "
+                                     f"dtype={dtype!r}: {exc}") from exc
     return model

@@ -17,9 +17,10 @@ from typing import Any, Mapping
 import attrs
 import torch
 
-from .errors import CheckpointError, CheckpointMismatchError
+from .errors import CheckpointError, CheckpointMismatchError, InvalidOptionError
 
-__all__ = ["LoadReport", "resolve_checkpoint", "read_state_dict", "load_weights", "save_weights"]
+__all__ = ["LoadReport", "resolve_checkpoint", "resolve_source", "looks_local", "read_state_dict", "load_weights",
+           "save_weights"]
 
 log = logging.getLogger(__name__)
 _HUB_ID = re.compile(r"^[\w.\-]+/[\w.\-]+(@[\w.\-/]+)?$")
@@ -39,10 +40,14 @@ class LoadReport:
     unexpected: tuple[str, ...] = ()
     mismatched: tuple[str, ...] = ()
     initialized: tuple[str, ...] = ()
+    #: keys whose checkpoint dtype cannot be cast losslessly into the parameter (int/bool into float)
+    dtype_mismatched: tuple[str, ...] = ()
+    #: keys holding NaN or Inf values
+    nonfinite: tuple[str, ...] = ()
 
     @property
     def exact(self) -> bool:
-        return not (self.missing or self.unexpected or self.mismatched)
+        return not (self.missing or self.unexpected or self.mismatched or self.dtype_mismatched)
 
     def __str__(self) -> str:
         lines = [f"loaded {self.source} (format: {self.format})"]
@@ -50,6 +55,8 @@ class LoadReport:
             ("missing", self.missing),
             ("unexpected", self.unexpected),
             ("shape mismatch", self.mismatched),
+            ("dtype mismatch", self.dtype_mismatched),
+            ("non-finite values (NaN/Inf)", self.nonfinite),
             ("not in checkpoint, randomly initialized (expected)", self.initialized),
         ):
             if keys:
@@ -104,6 +111,26 @@ def _download(hub_id: str) -> Path:
     return Path(path)
 
 
+def looks_local(source) -> bool:
+    """Whether ``source`` names a local path (never to be tried as a hub id): it starts with ``.``,
+    ``/`` or ``~``, or ends in a checkpoint suffix."""
+    text = os.fspath(source)
+    return text.startswith((".", "/", "~")) or text.lower().endswith(CHECKPOINT_SUFFIXES)
+
+
+def resolve_source(spec, weights):
+    """Check a ``weights=`` argument and resolve ``"hub"`` to the spec's published hub id."""
+    if isinstance(weights, str) and weights == "hub":
+        if not spec.hub_id:
+            raise CheckpointError(f"{spec.name} has no published hub id, so weights='hub' cannot be resolved; pass a "
+                                  "checkpoint file, a hub-layout directory or a hub id instead.")
+        return spec.hub_id
+    if not isinstance(weights, (str, os.PathLike, Mapping)) or isinstance(weights, str) and not weights.strip():
+        raise InvalidOptionError(f"weights must be 'hub', a hub id, a checkpoint path or directory, or a state dict; "
+                                 f"got {weights!r} ({type(weights).__name__}).")
+    return weights
+
+
 def resolve_checkpoint(source: str | os.PathLike) -> list[Path]:
     """Checkpoint files for a local file, a hub-layout directory or a hub id (``org/name[@rev]``)."""
     path = Path(os.fspath(source)).expanduser()
@@ -112,27 +139,57 @@ def resolve_checkpoint(source: str | os.PathLike) -> list[Path]:
     if path.is_dir():
         return _files_in(path)
     text = os.fspath(source)
-    looks_local = text.startswith((".", "/", "~")) or text.lower().endswith(CHECKPOINT_SUFFIXES)
-    if _HUB_ID.match(text) and not looks_local:
+    if _HUB_ID.match(text) and not looks_local(text):
         return _files_in(_download(text))
     raise CheckpointError(f"checkpoint {text!r} not found (working directory {os.getcwd()}): it is neither an "
                           "existing file or directory nor a hub id ('org/name').")
 
 
 def _read_file(path: Path) -> dict[str, torch.Tensor]:
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): the download or copy did not finish; fetch it again.")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
+        return _read_safetensors(path, size)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(
-            f"{path} could not be read with torch.load(weights_only=True) ({type(exc).__name__}): it holds "
-            "pickled objects other than tensors. Load it in trusted code and re-save only its state dict "
-            "(torch.save(ckpt['state_dict'], 'weights.pt')) or convert it to safetensors."
-        ) from exc
+        raise CheckpointError(f"{path}: {_torch_load_problem(path, size, exc)}") from exc
     return _unwrap(obj, path)
+
+
+def _read_safetensors(path: Path, size: int) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as exc:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            header_len = int.from_bytes(head, "little") if len(head) == 8 else -1
+            header = fh.read(min(max(header_len, 0), 1 << 20))
+        if header_len < 0 or not header.lstrip().startswith(b"{"):
+            problem = ("is not a safetensors file (no JSON header): it may be a torch .pt/.pth file with the wrong "
+                       "suffix or another format; rename it or convert it with safetensors.torch.save_file")
+        else:
+            problem = (f"is truncated ({size} bytes; the header describes more data): the download or copy did not "
+                       "finish; fetch it again")
+        raise CheckpointError(f"{path} {problem} ({type(exc).__name__}: {exc}).") from exc
+
+
+def _torch_load_problem(path: Path, size: int, exc: Exception) -> str:
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    text = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    if "weights_only" in str(exc).lower() or "unsupported global" in str(exc).lower():
+        return (f"holds pickled objects other than tensors ({text}). Load it in trusted code and re-save only its "
+                "state dict (torch.save(ckpt['state_dict'], 'weights.pt')) or convert it to safetensors.")
+    if magic.startswith(b"PK"):
+        return (f"is a damaged or truncated torch zip checkpoint ({size} bytes; {text}); fetch it again.")
+    if magic[:1] == b"\x80":
+        return f"is a damaged or truncated legacy torch checkpoint ({size} bytes; {text}); fetch it again."
+    return (f"is not a torch checkpoint (it starts with bytes {magic!r}, not a zip archive or a pickle; {text}). "
+            "Check the file is the checkpoint you meant.")
 
 
 def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -192,10 +249,15 @@ def _convert(backbone, state: dict[str, torch.Tensor], weights_format: str | Non
     return state, "unknown"
 
 
+def _lossy_cast(src: torch.dtype, dst: torch.dtype) -> bool:
+    """Integer/bool values into floating parameters (or float into integer buffers) are no weights."""
+    return (src.is_floating_point or src.is_complex) != (dst.is_floating_point or dst.is_complex)
+
+
 def compare_keys(backbone, state: Mapping[str, torch.Tensor]):
     """``(missing, unexpected, mismatched, initialized)`` of ``state`` against the backbone."""
     native = backbone.state_dict()
-    optional = tuple(getattr(backbone, "optional_key_prefixes", ()))
+    optional = tuple(backbone.optional_key_prefixes)
     absent = [k for k in native if k not in state]
     missing = tuple(k for k in absent if not k.startswith(optional))
     initialized = tuple(k for k in absent if k.startswith(optional))
@@ -207,20 +269,46 @@ def compare_keys(backbone, state: Mapping[str, torch.Tensor]):
     return missing, unexpected, mismatched, initialized
 
 
-def load_state_dict(backbone, state, *, source="<state dict>", weights_format=None, strict=True) -> LoadReport:
-    """Convert (if foreign) and load an in-memory state dict, strictly by default."""
+def _check_values(backbone, state) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(dtype mismatches, non-finite keys)`` of tensors that match a model key by name and shape."""
+    native = backbone.state_dict()
+    dtypes, nonfinite = [], []
+    for key, value in state.items():
+        ref = native.get(key)
+        if ref is None or ref.shape != value.shape:
+            continue
+        if _lossy_cast(value.dtype, ref.dtype):
+            dtypes.append(f"{key}: checkpoint {value.dtype} vs model {ref.dtype}")
+        elif value.is_floating_point() and value.device.type != "meta" and not bool(torch.isfinite(value).all()):
+            nonfinite.append(key)
+    return tuple(dtypes), tuple(nonfinite)
+
+
+def load_state_dict(backbone, state, *, source="<state dict>", weights_format=None, strict=True,
+                    allow_nonfinite: bool = False) -> LoadReport:
+    """Convert (if foreign) and load an in-memory state dict, strictly by default.
+
+    Tensors holding NaN/Inf raise :class:`CheckpointError` unless ``allow_nonfinite``; integer or
+    bool tensors for floating parameters are dtype mismatches (strict loading fails).
+    """
     state, fmt = _convert(backbone, dict(state), weights_format)
+    state = backbone.upgrade_state_dict(state)
     missing, unexpected, mismatched, initialized = compare_keys(backbone, state)
+    dtypes, nonfinite = _check_values(backbone, state)
     report = LoadReport(os.fspath(source) if not isinstance(source, str) else source, fmt,
-                        missing, unexpected, mismatched, initialized)
+                        missing, unexpected, mismatched, initialized, dtypes, nonfinite)
+    if nonfinite and not allow_nonfinite:
+        raise CheckpointError(f"{backbone.spec.name}: {report.source} holds NaN/Inf values in {len(nonfinite)} "
+                              f"tensor(s): {_short(nonfinite)}. The checkpoint is corrupt or diverged; pass "
+                              "allow_nonfinite=True to load it anyway.")
     if strict and not report.exact:
         raise CheckpointMismatchError(
             f"{backbone.spec.name}: checkpoint does not match the model.\n{report}\n"
             "Fix: pass the right backbone name or weights_format (timm, torchvision, openai, dinov2, "
             "transformers), or strict=False to load the matching keys and keep the rest as initialized.",
-            missing, unexpected, mismatched,
+            missing, unexpected, mismatched + dtypes,
         )
-    bad = {m.split(":")[0] for m in mismatched}
+    bad = {m.split(":")[0] for m in mismatched + dtypes}
     backbone.load_state_dict({k: v for k, v in state.items() if k not in bad}, strict=False)
     if not report.exact:
         log.warning("%s", report)
@@ -240,7 +328,7 @@ def _transformers_dir(files: list[Path]) -> Path | None:
 
 def _read_via_transformers(backbone, directory: Path) -> dict[str, torch.Tensor] | None:
     try:
-        return backbone.read_transformers_checkpoint(str(directory))
+        return backbone.read_pretrained(str(directory))
     except Exception as exc:
         raise CheckpointError(
             f"{directory} is a transformers checkpoint that does not fit {backbone.spec.name}: "
@@ -248,21 +336,26 @@ def _read_via_transformers(backbone, directory: Path) -> dict[str, torch.Tensor]
         ) from exc
 
 
-def load_weights(backbone, source, *, weights_format=None, strict=True, sha256=None) -> LoadReport:
+def load_weights(backbone, source, *, weights_format=None, strict=True, sha256=None,
+                 allow_nonfinite: bool = False) -> LoadReport:
     """Load weights from a file, hub-layout directory, hub id or state dict into ``backbone``.
 
     transformers ``save_pretrained`` directories (and hub ids of them) go through the model's own
     ``from_pretrained``, which also maps keys of older transformers versions.
     """
+    source = resolve_source(backbone.spec, source)
     if isinstance(source, Mapping):
-        return load_state_dict(backbone, source, weights_format=weights_format, strict=strict)
+        return load_state_dict(backbone, source, weights_format=weights_format, strict=strict,
+                               allow_nonfinite=allow_nonfinite)
     files = resolve_checkpoint(source)
     directory = _transformers_dir(files) if weights_format in (None, "transformers") and sha256 is None else None
     state = _read_via_transformers(backbone, directory) if directory is not None else None
     if state is not None:
-        return load_state_dict(backbone, state, source=os.fspath(source), weights_format="native", strict=strict)
+        return load_state_dict(backbone, state, source=os.fspath(source), weights_format="native", strict=strict,
+                               allow_nonfinite=allow_nonfinite)
     state = read_state_dict(source, sha256=sha256)
-    return load_state_dict(backbone, state, source=os.fspath(source), weights_format=weights_format, strict=strict)
+    return load_state_dict(backbone, state, source=os.fspath(source), weights_format=weights_format, strict=strict,
+                           allow_nonfinite=allow_nonfinite)
 
 
 def save_weights(backbone, path: str | os.PathLike) -> Path:

@@ -15,9 +15,9 @@ def _frozen_names(model):
 @pytest.mark.parametrize("name", tiny_names())
 def test_frozen_trunk_gets_no_grads_and_stays_in_eval(name):
     model = apply_finetune(bs.create_backbone(name), "frozen").train()
-    trunk = [n for n, _ in model.named_parameters() if not n.startswith("simple_pyramid.")]
+    trunk = [n for n, _ in model.named_parameters() if not n.startswith("neck.")]
     assert _frozen_names(model) == set(trunk)
-    assert all(not m.training for c in model.children() if c is not getattr(model, "simple_pyramid", None)
+    assert all(not m.training for c in model.children() if c is not model.neck
                for m in c.modules())
     size = 56 if model.spec.input.patch_size == 14 else 64
     x = torch.randn(1, 3, size, size, requires_grad=True)  # even an input that wants grad builds no graph
@@ -26,7 +26,7 @@ def test_frozen_trunk_gets_no_grads_and_stays_in_eval(name):
     if model.spec.plain:  # the simple pyramid after the frozen trunk still trains
         sum(m.sum() for m in model.pyramid(x).values()).backward()
         assert x.grad is None
-        assert all(p.grad is not None for p in model.simple_pyramid.parameters())
+        assert all(p.grad is not None for p in model.neck.parameters())
 
 
 @pytest.mark.parametrize("name", tiny_names())
@@ -100,7 +100,7 @@ def test_lora_trains_only_adapters(policy):
         apply_finetune(model, policy)
     model = add_lora(model, r=2)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all("lora_" in n or n.startswith("simple_pyramid.") for n in trainable)
+    assert trainable and all("lora_" in n or n.startswith("neck.") for n in trainable)
     assert any("q_proj.lora_A" in n for n in trainable)
     model.embed(torch.randn(1, 3, 32, 32)).sum().backward()
     assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n and not n.startswith("simple"))

@@ -154,7 +154,7 @@ def test_fpnhead_on_pyramid(name):
     losses["decode.loss_ce"].backward()
     assert model.decode_head.conv_seg.weight.grad.abs().sum() > 0
     if bs.get_spec(name).plain:  # the simple pyramid is trained as part of the backbone
-        assert model.backbone.body.simple_pyramid.outputs[0][0][0].weight.grad.abs().sum() > 0
+        assert model.backbone.body.neck.outputs[0][0][0].weight.grad.abs().sum() > 0
     model.eval()
     with torch.no_grad():
         pred = model.predict(torch.randn(1, 3, 64, 64))[0].pred_sem_seg.data
@@ -309,13 +309,13 @@ def test_parts_left_out_do_not_break_loading_full_checkpoints(name, tmp_path):
     reference = scramble(bs.create_backbone(name))
     path = bs.save_weights(reference, tmp_path / "full.safetensors")
     model = sdk.BackboneSDK(name, weights=str(path))
-    assert getattr(model.body, "simple_pyramid") is None
+    assert model.body.neck is None
     assert not any(".text_model." in k for k in model.state_dict())
     full = reference.state_dict()
     assert model.body.state_dict().keys() < full.keys()
     assert all(torch.equal(v, full[k]) for k, v in model.body.state_dict().items())
     with_pyramid = sdk.BackboneSDK(name, weights=str(path), pyramid=True)
-    assert torch.equal(with_pyramid.body.simple_pyramid.up2.weight, reference.simple_pyramid.up2.weight)
+    assert torch.equal(with_pyramid.body.neck.up2.weight, reference.neck.up2.weight)
 
 
 def test_mismatched_checkpoint_raises_with_key_report(tmp_path):

@@ -91,19 +91,44 @@ def test_plugin_raising_in_register_is_reported_and_skipped():
     assert "RuntimeError: boom" in {r.name: r for r in reg.records()}["bad"].error
 
 
-def test_plugin_registering_a_taken_name_is_skipped():
+def test_plugin_registering_a_taken_name_keeps_its_other_variants(caplog):
     reg = registry_with(FakeEntryPoint("a_first", plugin("toy_same")), FakeEntryPoint("b_second", plugin("toy_same", "toy_c")))
-    assert reg.names() == ["toy_same"]
+    assert reg.names() == ["toy_c", "toy_same"]
     rec = {r.name: r for r in reg.records()}
-    assert "'toy_same' (taken by plugin 'a_first')" in rec["b_second"].error
+    assert rec["b_second"].ok and rec["b_second"].shadowed == ["toy_same"] and rec["b_second"].backbones == ["toy_c"]
     assert reg.get("toy_same").plugin == "a_first"
+    assert reg.get("b_second:toy_same").plugin == "b_second"  # still reachable on purpose
+    assert "'b_second' registers 'toy_same', which plugin 'a_first' holds" in caplog.text
+
+
+def _builtin_ep(name, target):
+    ep = FakeEntryPoint(name, target)
+    ep.value = f"backbone_sdk.plugins.{name}"
+    return ep
+
+
+def test_plugin_precedence_builtin_names_survive_a_third_party_loaded_first():
+    """A third party sorting before the built-ins (``aaa_*``) cannot take their names."""
+    reg = registry_with(FakeEntryPoint("aaa_thief", plugin("toy_net", "toy_extra")), _builtin_ep("toy", plugin("toy_net")))
+    assert reg.get("toy_net").plugin == "toy"
+    assert reg.get("aaa_thief:toy_net").plugin == "aaa_thief"
+    assert reg.names() == ["toy_extra", "toy_net"]
+
+
+def test_plugin_precedence_entry_point_named_like_a_builtin_is_reported():
+    imposter = FakeEntryPoint("toy", plugin("toy_imposter"))
+    reg = registry_with(imposter, _builtin_ep("toy", plugin("toy_net")))
+    assert reg.names() == ["toy_net"] and reg.get("toy_net").plugin == "toy"
+    bad = [r for r in reg.records() if r.error]
+    assert len(bad) == 1 and "entry-point name 'toy' is taken by plugin 'backbone_sdk.plugins.toy' (built-in)" \
+        in bad[0].error and bad[0].module == "fake.toy"
 
 
 def test_plugin_registering_a_name_twice_is_skipped():
     reg = registry_with(FakeEntryPoint("twice", plugin("toy_dup", "toy_d", "toy_dup")), FakeEntryPoint("ok", plugin("toy_e")))
     assert reg.names() == ["toy_e"]
     error = {r.name: r for r in reg.records()}["twice"].error
-    assert "'toy_dup' (registered twice by this plugin)" in error and "taken by" not in error
+    assert "registers names twice: 'toy_dup'" in error
 
 
 def test_plugin_calling_sys_exit_does_not_end_the_process():

@@ -5,11 +5,12 @@ Policies (strings or :class:`FinetunePolicy`):
 - ``"frozen"``: no parameter of the trunk gets gradients, the trunk stays in eval mode (dropout
   off, BatchNorm statistics fixed) and runs under ``torch.no_grad()``: no graph and no stored
   activations, even when the input requires grad (for gradients with respect to the input through a
-  fixed network, use ``"none"`` and ``requires_grad_(False)`` instead). A ViT's simple feature
-  pyramid is a neck, not trunk: it stays trainable.
-- ``"stages:N"`` (hierarchical nets: ResNet, Swin) / ``"blocks:N"`` (plain ViTs): freeze the stem and
-  the first ``N`` stages or blocks; ``stages:0`` freezes only the stem. Same numbering as mmseg's
-  ``frozen_stages``; detectron2's ``FREEZE_AT = N + 1``. The unit must match the family.
+  fixed network, use ``"none"`` and ``requires_grad_(False)`` instead). The neck
+  (``Backbone.neck_modules()``, e.g. a plain ViT's simple feature pyramid) is not trunk: it stays trainable.
+- ``"stages:N"`` (hierarchical nets) / ``"blocks:N"`` (plain ViTs, ``spec.plain``): freeze the stem
+  and the first ``N`` groups of ``Backbone.stage_modules()``; ``stages:0`` freezes only the stem.
+  Same numbering as mmseg's ``frozen_stages``; detectron2's ``FREEZE_AT = N + 1``. The unit must
+  match the backbone (:func:`policy_for` writes the right one from a count).
 - ``"none"``: train everything.
 
 ``norm_eval=True`` keeps every BatchNorm in eval mode while training (frozen statistics; the
@@ -29,15 +30,34 @@ import torch
 from torch import nn
 
 from ..backbone import Backbone
+from ..errors import InvalidOptionError
 
-__all__ = ["FinetunePolicy", "apply_finetune", "param_groups", "layer_id", "add_lora", "NO_DECAY_PATTERN"]
+__all__ = ["FinetunePolicy", "apply_finetune", "param_groups", "layer_id", "add_lora", "policy_for", "unit_of"]
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-#: parameters that get no weight decay besides 1-d ones (norms, biases)
-NO_DECAY_PATTERN = re.compile(
-    r"position_embedding|pos_embed|cls_token|class_embedding|register|mask_token|distillation_token|"
-    r"relative_position_bias_table|logit_scale"
-)
+
+
+def unit_of(spec) -> str:
+    """``"blocks"`` for plain ViTs (``spec.plain``), else ``"stages"``: the word policies use."""
+    return "blocks" if spec.plain else "stages"
+
+
+def policy_for(spec, frozen: int) -> "FinetunePolicy":
+    """Freeze the stem and the first ``frozen`` groups (``-1``: nothing) in the unit of ``spec``."""
+    if frozen < 0:
+        return FinetunePolicy("none")
+    return FinetunePolicy(unit_of(spec), frozen)
+
+
+def __getattr__(name):  # deprecated module attributes (one release)
+    if name == "NO_DECAY_PATTERN":
+        import warnings
+
+        warnings.warn("NO_DECAY_PATTERN is deprecated: each backbone names its own parameters in "
+                      "Backbone.no_weight_decay()", DeprecationWarning, stacklevel=2)
+        return re.compile(r"position_embedding|pos_embed|cls_token|class_embedding|register|mask_token|"
+                          r"distillation_token|relative_position_bias_table|logit_scale")
+    raise AttributeError(name)
 
 
 @attrs.frozen
@@ -55,36 +75,35 @@ class FinetunePolicy:
         if isinstance(policy, FinetunePolicy):
             return attrs.evolve(policy, norm_eval=policy.norm_eval or norm_eval,
                                 frozen_norm=policy.frozen_norm or frozen_norm)
+        if policy is not None and not isinstance(policy, str):
+            raise InvalidOptionError(f"fine-tune policy must be a string ('frozen', 'stages:N', 'blocks:N', 'none') or "
+                                     f"a FinetunePolicy, got {policy!r} ({type(policy).__name__})")
         text = (policy or "none").strip().lower()
         mode, _, count = text.partition(":")
         if mode in ("stages", "blocks"):
             if not count.isdigit():
-                raise ValueError(f"fine-tune policy {policy!r}: write '{mode}:N' with N >= 0, e.g. '{mode}:1'")
+                raise InvalidOptionError(f"fine-tune policy {policy!r}: write '{mode}:N' with N >= 0, e.g. '{mode}:1'")
             return cls(mode, int(count), norm_eval, frozen_norm)
         if mode in ("none", "frozen") and not count:
             return cls(mode, 0, norm_eval, frozen_norm)
-        raise ValueError(f"unknown fine-tune policy {policy!r}; use 'frozen', 'stages:N', 'blocks:N' or 'none'")
-
-
-def _trunk_modules(backbone: Backbone) -> list[nn.Module]:
-    necks = [m for name, m in backbone.named_children() if name == "simple_pyramid" and m is not None]
-    return [m for m in backbone.children() if m not in necks]
+        raise InvalidOptionError(f"unknown fine-tune policy {policy!r}; use 'frozen', 'stages:N', 'blocks:N' or 'none'")
 
 
 def frozen_modules(backbone: Backbone, policy: FinetunePolicy) -> list[nn.Module]:
     """The modules ``policy`` freezes, in depth order."""
     if policy.mode == "frozen":
-        return _trunk_modules(backbone)
+        return backbone.trunk_modules()
     if policy.mode in ("stages", "blocks"):
-        unit = "blocks" if backbone.spec.plain else "stages"
+        unit = unit_of(backbone.spec)
         if policy.mode != unit:
             kind = "a plain ViT with blocks" if backbone.spec.plain else "a hierarchical network with stages"
-            raise ValueError(f"fine-tune policy '{policy.mode}:{policy.n}': {backbone.spec.name} is {kind}; "
-                             f"use '{unit}:{policy.n}'.")
+            raise InvalidOptionError(f"fine-tune policy '{policy.mode}:{policy.n}': {backbone.spec.name} is {kind}; "
+                                     f"use '{unit}:{policy.n}'.")
         groups = backbone.stage_modules()
         if policy.n > len(groups) - 1:
-            raise ValueError(
-                f"{backbone.spec.name} has {len(groups) - 1} {policy.mode}; cannot freeze {policy.n}. "
+            raise InvalidOptionError(
+                f"fine-tune policy '{policy.mode}:{policy.n}': {backbone.spec.name} has a stem and "
+                f"{len(groups) - 1} {policy.mode} ({unit}:0 .. {unit}:{len(groups) - 1}); cannot freeze {policy.n}. "
                 f"Use 'frozen' to freeze everything."
             )
         return groups[: policy.n + 1]
@@ -127,12 +146,13 @@ def param_groups(backbone: Backbone, lr: float, layer_decay: float = 1.0, weight
     """
     ids = layer_id(backbone)
     depth = max(ids.values()) if ids else 0
-    no_decay = re.compile("|".join([NO_DECAY_PATTERN.pattern, *extra_no_decay]))
+    named = backbone.no_weight_decay()
+    extra = re.compile("|".join(extra_no_decay)) if extra_no_decay else None
     groups: dict[tuple[int, bool], dict] = {}
     for name, p in backbone.named_parameters():
         if not p.requires_grad:
             continue
-        decay = p.ndim > 1 and not no_decay.search(name)
+        decay = p.ndim > 1 and name not in named and not (extra and extra.search(name))
         key = (ids[name], decay)
         if key not in groups:
             scale = layer_decay ** (depth - ids[name])
@@ -150,7 +170,7 @@ def add_lora(backbone: Backbone, r: int = 8, alpha: int = 16, dropout: float = 0
              target_modules: str | list[str] | None = None) -> Backbone:
     """Inject LoRA adapters (via ``peft``) into the attention projections; only LoRA weights train.
 
-    The backbone keeps its class and interface; ``simple_pyramid`` (if any) stays trainable.
+    The backbone keeps its class and interface; its neck (if any) stays trainable.
     """
     try:
         from peft import LoraConfig, inject_adapter_in_model
@@ -164,8 +184,9 @@ def add_lora(backbone: Backbone, r: int = 8, alpha: int = 16, dropout: float = 0
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets)
     inject_adapter_in_model(config, backbone)
     backbone.trunk_no_grad = False  # LoRA weights inside a frozen trunk need its graph
+    neck = {id(p) for m in backbone.neck_modules() for p in m.parameters()}
     for name, p in backbone.named_parameters():
-        p.requires_grad_("lora_" in name or name.startswith("simple_pyramid."))
+        p.requires_grad_("lora_" in name or id(p) in neck)
     return backbone
 
 

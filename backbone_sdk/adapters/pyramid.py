@@ -1,9 +1,10 @@
-"""The ViTDet simple feature pyramid, for composing with any plain-ViT feature map.
+"""Deprecated location of the simple feature pyramid (one release): use :mod:`backbone_sdk.layers`."""
 
-One implementation: it lives in the core (:mod:`backbone_sdk.pyramid`) because ``Backbone.pyramid()``
-of every plain-ViT family uses it; this module re-exports it for adapter users.
-"""
+import warnings
 
-from ..pyramid import LayerNorm2d, SimpleFeaturePyramid
+from ..layers.pyramid import LayerNorm2d, SimpleFeaturePyramid
+
+warnings.warn("backbone_sdk.adapters.pyramid is deprecated; import SimpleFeaturePyramid from backbone_sdk.layers",
+              DeprecationWarning, stacklevel=2)
 
 __all__ = ["LayerNorm2d", "SimpleFeaturePyramid"]

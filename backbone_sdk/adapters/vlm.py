@@ -21,10 +21,9 @@ import torch
 from torch import nn
 
 from ..backbone import Backbone
-from ..errors import InputShapeError
+from ..errors import InputShapeError, InvalidOptionError
 from ..factory import create_backbone
 from ..preprocess import preprocess
-from ..registry import get_spec
 from .finetune import FinetunePolicy, add_lora, apply_finetune
 
 __all__ = ["VisionTower", "build_projector", "tower_from_config", "PROJECTOR_TYPES"]
@@ -33,8 +32,6 @@ SELECT_FEATURES = ("patch", "cls_patch")
 IMAGE_ASPECTS = ("pad", "resize")
 #: projector names understood by :func:`build_projector` (``mlp{N}x_gelu`` for any N >= 1)
 PROJECTOR_TYPES = ("linear", "identity", "mlp{N}x_gelu")
-#: backbone parts that never take part in ``tokens()``: excluded from "is the tower trainable"
-_UNUSED_PREFIXES = ("simple_pyramid.",)
 
 
 def build_projector(kind: str, in_dim: int, out_dim: int) -> nn.Module:
@@ -87,8 +84,8 @@ def _lora_kwargs(lora) -> dict | None:
 class VisionTower(nn.Module):
     """Image tokens ``[B, N, D]`` from one layer of a backbone, LLaVA style.
 
-    :param backbone: a registered name (built with ``weights``, without the simple pyramid and,
-        for CLIP, without the text tower) or a :class:`~backbone_sdk.Backbone` instance.
+    :param backbone: a registered name (built with ``weights`` and without optional parts: no
+        pyramid neck, no text tower) or a :class:`~backbone_sdk.Backbone` instance.
     :param select_layer: the layer passed to ``backbone.tokens(layer=...)``: a block index for plain
         ViTs (``-2``, the LLaVA-1.5 default, is the output of the second-to-last block, before the
         final norm), a stage index for ResNet/Swin (``-2`` = ``stage3``, stride 16).
@@ -114,9 +111,9 @@ class VisionTower(nn.Module):
                  weights: Any = None):
         super().__init__()
         if select_feature not in SELECT_FEATURES:
-            raise ValueError(f"select_feature must be one of {SELECT_FEATURES}, got {select_feature!r}")
+            raise InvalidOptionError(f"select_feature must be one of {SELECT_FEATURES}, got {select_feature!r}")
         if image_aspect not in IMAGE_ASPECTS:
-            raise ValueError(f"image_aspect must be one of {IMAGE_ASPECTS}, got {image_aspect!r}")
+            raise InvalidOptionError(f"image_aspect must be one of {IMAGE_ASPECTS}, got {image_aspect!r}")
         if isinstance(backbone, str):
             backbone = self._create(backbone, weights)
         elif weights is not None:
@@ -132,14 +129,13 @@ class VisionTower(nn.Module):
         self.image_aspect = image_aspect
         size = spec.input.image_size if image_size is None else image_size
         self.image_size = (size, size) if isinstance(size, int) else tuple(size)
-        self.level = self._level(select_layer)
-        prefix = getattr(backbone, "num_prefix_tokens", 1 if spec.plain else 0)
-        self.has_cls = prefix >= 1
-        self.num_registers = max(prefix - 1, 0)
+        self.level = spec.features[backbone.layer_index(select_layer)]
+        self.has_cls = spec.prefix_tokens.cls
+        self.num_registers = spec.prefix_tokens.extra
         if select_feature == "cls_patch" and not self.has_cls:
-            raise ValueError(
-                f"select_feature='cls_patch' needs a CLS token, but {spec.name} ({spec.family}) has none: its tokens "
-                "are a flattened feature map. Use select_feature='patch'."
+            raise InvalidOptionError(
+                f"select_feature='cls_patch' needs a CLS token, but {spec.name} has none "
+                f"(spec.prefix_tokens={spec.prefix_tokens}). Use select_feature='patch'."
             )
         self.finetune = _policy_text(finetune)
         if finetune is not None:
@@ -150,21 +146,8 @@ class VisionTower(nn.Module):
 
     @staticmethod
     def _create(name: str, weights) -> Backbone:
-        spec = get_spec(name)
-        overrides = {"with_pyramid": False} if spec.plain else {}
-        if "text" in spec.capabilities:
-            overrides["with_text"] = False
-        return create_backbone(name, weights=weights, **overrides)
-
-    def _level(self, layer: int):
-        levels = self.backbone.spec.features
-        if not -len(levels) <= layer < len(levels):
-            kind = "blocks" if self.backbone.spec.plain else "feature levels"
-            raise IndexError(
-                f"{self.backbone.spec.name} has {len(levels)} {kind}; select_layer must be in "
-                f"[-{len(levels)}, {len(levels) - 1}], got {layer}"
-            )
-        return levels[layer]
+        # no optional parts: a neck or text tower would be weights without gradients
+        return create_backbone(name, weights=weights, parts=())
 
     # -- metadata ------------------------------------------------------------------------------
     @property
@@ -188,9 +171,7 @@ class VisionTower(nn.Module):
         """Token grid of the selected layer for ``image_size`` pixel images (no forward pass)."""
         h, w = self._size(image_size)
         stride = self.level.stride
-        if self.spec.plain:
-            return h // stride, w // stride
-        # strided convs / patch merging with padding: every stride-2 step rounds up
+        # the contract: every level is ceil(size / stride) (exact for patch models, which need H % patch == 0)
         return math.ceil(h / stride), math.ceil(w / stride)
 
     def num_tokens(self, image_size=None) -> int:
@@ -207,16 +188,19 @@ class VisionTower(nn.Module):
     @property
     def trainable(self) -> bool:
         """Whether any parameter used by ``tokens()`` requires grad."""
-        return any(p.requires_grad for n, p in self.backbone.named_parameters() if not n.startswith(_UNUSED_PREFIXES))
+        neck = self._neck_ids()
+        return any(p.requires_grad for p in self.backbone.parameters() if id(p) not in neck)
+
+    def _neck_ids(self) -> set[int]:
+        return {id(p) for m in self.backbone.neck_modules() for p in m.parameters()}
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Parameters and buffers of every module with a trainable parameter (LoRA weights, unfrozen
         blocks with their norm statistics), keyed like ``backbone.state_dict()``."""
-        out = {}
+        out, neck = {}, self._neck_ids()
         for name, module in self.backbone.named_modules():
-            if name.startswith(tuple(p.rstrip(".") for p in _UNUSED_PREFIXES)):
-                continue
-            if not any(p.requires_grad for p in module.parameters(recurse=False)):
+            own = [p for p in module.parameters(recurse=False) if id(p) not in neck]
+            if not any(p.requires_grad for p in own):
                 continue
             prefix = f"{name}." if name else ""
             for key, value in module.state_dict(keep_vars=False).items():
@@ -264,8 +248,6 @@ class VisionTower(nn.Module):
             tokens = self.backbone.tokens(pixels, layer=self.select_layer)
         parts = []
         if self.select_feature == "cls_patch":
-            if tokens.cls is None:
-                raise ValueError(f"{self.spec.name} returned no CLS token; use select_feature='patch'")
             parts.append(tokens.cls[:, None])
         if not self.drop_registers and tokens.registers is not None:
             parts.append(tokens.registers)

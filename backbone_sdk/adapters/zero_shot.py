@@ -1,7 +1,7 @@
 """CLIP zero-shot classification and image-text similarity on any backbone with a text tower.
 
-Works with every backbone whose spec declares the ``"text"`` capability (the CLIP family):
-it needs ``embed(images)``, ``embed_text(texts)`` and ``logit_scale``.
+Works with every backbone whose spec has the ``"text"`` capability (``spec.has("text")``): the
+capability's contract is ``embed(images)``, ``embed_text(texts)`` and ``logit_scale``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ DEFAULT_TEMPLATES = (
 
 
 def _require_text(backbone: Backbone) -> None:
-    if "text" not in backbone.spec.capabilities or not hasattr(backbone, "embed_text"):
+    if not backbone.spec.has("text"):
         raise TypeError(
             f"{backbone.spec.name} has no text tower; zero-shot classification needs a CLIP backbone "
             f"(e.g. {', '.join(n for n in _text_backbones()[:3])})."
@@ -40,7 +40,7 @@ def _require_text(backbone: Backbone) -> None:
 def _text_backbones() -> list[str]:
     from ..registry import get_spec, list_backbones
 
-    return [n for n in list_backbones(include_test=False) if "text" in get_spec(n).capabilities]
+    return [n for n in list_backbones(include_test=False) if get_spec(n).has("text")]
 
 
 @torch.no_grad()

@@ -47,14 +47,16 @@ from detectron2.modeling.backbone import Backbone as D2Backbone  # noqa: E402
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool  # noqa: E402
 from torch import nn  # noqa: E402
 
-from ..adapters.finetune import FinetunePolicy, apply_finetune  # noqa: E402
+from ..adapters.finetune import FinetunePolicy, apply_finetune, policy_for, unit_of  # noqa: E402
 from ..backbone import PYRAMID_LEVELS, Backbone  # noqa: E402
 from ..factory import create_backbone  # noqa: E402
+from ..pixels import mismatches  # noqa: E402
 from ..registry import get_spec  # noqa: E402
 from ..specs import BackboneSpec  # noqa: E402
-from ..weights import CHECKPOINT_SUFFIXES  # noqa: E402
+from ..weights import looks_local  # noqa: E402
 
 __all__ = [
+    "Detectron2Backbone",
     "SDKBackbone",
     "SDKFPN",
     "ConfigError",
@@ -79,7 +81,6 @@ _CFG_KEYS = {
     "finetune": "FINETUNE", "norm_eval": "NORM_EVAL", "frozen_bn": "FROZEN_BN", "use_pyramid": "USE_PYRAMID",
     "grad_checkpoint": "GRAD_CHECKPOINT",
 }
-_PIXEL_TOLERANCE = 1e-2  # in 0-255 units: configs round the ImageNet statistics to 2-3 decimals
 
 
 class ConfigError(BackboneSDKError, ValueError):
@@ -117,10 +118,21 @@ def default_out_features(spec: BackboneSpec, use_pyramid: bool) -> list[str]:
     return [spec.feature_names[-1]] if spec.plain else list(spec.feature_names[-4:])
 
 
+def _as_names(value, label: str) -> list[str] | None:
+    """A level list from a config value: a list/tuple of names, one name as a string, or empty/None."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value] if value.strip() else None
+    if not isinstance(value, (list, tuple)) or any(not isinstance(v, str) for v in value):
+        raise ConfigError(f"{label}: expected a list of level names such as ['res2', 'res3'], got {value!r}")
+    return list(value) or None
+
+
 def _resolve_out_features(spec: BackboneSpec, out_features, use_pyramid: bool, label: str) -> list[str]:
-    if out_features is None or (not isinstance(out_features, str) and len(out_features) == 0):
+    names = _as_names(out_features, label)
+    if names is None:
         return default_out_features(spec, use_pyramid)
-    names = [out_features] if isinstance(out_features, str) else [str(n) for n in out_features]
     valid = available_levels(spec, use_pyramid)
     unknown = [n for n in names if n not in valid]
     if unknown or len(set(names)) != len(names):
@@ -132,31 +144,25 @@ def _resolve_out_features(spec: BackboneSpec, out_features, use_pyramid: bool, l
 
 
 def _overrides(spec: BackboneSpec, use_pyramid: bool) -> dict[str, Any]:
-    """Leave out parts a detector never runs (a CLIP text tower, an unused simple pyramid): they
-    would be parameters without gradients, i.e. dead checkpoint weight and an error under DDP."""
-    overrides: dict[str, Any] = {}
-    if spec.plain:
-        overrides["with_pyramid"] = use_pyramid
-    if "text" in spec.capabilities:
-        overrides["with_text"] = False
-    return overrides
+    """Only the optional parts a detector runs (the neck when it uses the pyramid): others (a text
+    tower, an unused neck) would be parameters without gradients, dead weight and a DDP error."""
+    return {"parts": spec.needed_parts(pyramid=use_pyramid)}
 
 
 def _check_weights_path(weights, label: str) -> None:
     if not isinstance(weights, (str, os.PathLike)):
         return
     text = os.fspath(weights)
-    local = text.startswith((".", "/", "~")) or text.lower().endswith(CHECKPOINT_SUFFIXES)
-    if local and not Path(text).expanduser().exists():
+    if looks_local(text) and not Path(text).expanduser().exists():
         raise ConfigError(f"{label}: checkpoint {text!r} not found (working directory {os.getcwd()}). "
                           "Give an existing .safetensors/.pt/.pth file, a hub-layout directory or a hub id.")
 
 
 # -- the backbone ----------------------------------------------------------------------------------
-class SDKBackbone(D2Backbone):
+class Detectron2Backbone(D2Backbone):
     """A backbone_sdk backbone as a detectron2 ``Backbone`` (``forward(x) -> {name: NCHW map}``).
 
-    :param name: a registered backbone name (``backbone_sdk.list_backbones()``).
+    :param name: a registered backbone name (``backbone_sdk.list_backbones()``; ``plugin:name`` too).
     :param weights: checkpoint for :func:`backbone_sdk.create_backbone` (file, hub-layout directory,
         hub id or ``"hub"``), loaded strictly; foreign layouts (timm, torchvision...) are converted.
     :param weights_format: name the checkpoint layout instead of auto-detecting it.
@@ -164,6 +170,8 @@ class SDKBackbone(D2Backbone):
         without: ``features()`` levels (default the last four stages, or a plain ViT's last block).
     :param finetune: ``"none"``, ``"frozen"``, ``"stages:N"`` or ``"blocks:N"`` (see
         :mod:`backbone_sdk.adapters.finetune`; ``stages:N`` = detectron2 ``FREEZE_AT = N + 1``).
+    :param freeze_at: detectron2's convention instead of ``finetune``, for any backbone: ``0`` trains
+        everything, ``k`` freezes the stem and the first ``k - 1`` stages (blocks for plain ViTs).
     :param norm_eval: keep BatchNorm layers in eval mode (frozen statistics) while training.
     :param frozen_bn: BatchNorm layers as detectron2's ``FrozenBN``: fixed statistics and fixed
         affine parameters (ResNet; no effect on LayerNorm families).
@@ -175,8 +183,8 @@ class SDKBackbone(D2Backbone):
 
     def __init__(self, name: str, weights: Any = None, weights_format: str | None = None,
                  out_features: Sequence[str] | None = None, finetune: Any = "none", norm_eval: bool = False,
-                 frozen_bn: bool = False, use_pyramid: bool = True, grad_checkpoint: bool = False, *,
-                 config_prefix: str | None = None):
+                 frozen_bn: bool = False, use_pyramid: bool = True, grad_checkpoint: bool = False,
+                 freeze_at: int | None = None, *, config_prefix: str | None = None):
         super().__init__()
 
         def key(arg):
@@ -187,11 +195,16 @@ class SDKBackbone(D2Backbone):
         spec = _checked(key("name"), get_spec, str(name))
         self.spec = spec
         self.use_pyramid = bool(use_pyramid)
+        if self.use_pyramid and spec.pyramid is None and not spec.needed_parts(pyramid=True):
+            raise ConfigError(f"{key('use_pyramid')}: {spec.name} has no pyramid (levels "
+                              f"{[f.stride for f in spec.features]}, no neck); set use_pyramid=False.")
         self._out_features = _resolve_out_features(spec, out_features, self.use_pyramid, key("out_features"))
+        if freeze_at is not None:
+            finetune = _checked(key("finetune"), _freeze_at_policy, spec, freeze_at, finetune)
         policy = _checked(key("finetune"), FinetunePolicy.parse, finetune, bool(norm_eval), bool(frozen_bn))
         _check_weights_path(weights, key("weights"))
         try:
-            self.body: Backbone = create_backbone(spec.name, weights=weights or None,
+            self.body: Backbone = create_backbone(spec, weights=weights or None,
                                                   weights_format=weights_format or None,
                                                   **_overrides(spec, self.use_pyramid))
         except CheckpointError as exc:
@@ -211,7 +224,8 @@ class SDKBackbone(D2Backbone):
         spec = _checked(f"{CFG_PREFIX}.NAME", get_spec, node.NAME) if node.NAME else None
         return cls(
             name=node.NAME, weights=node.WEIGHTS or None, weights_format=node.WEIGHTS_FORMAT or None,
-            out_features=list(node.OUT_FEATURES) or out_features, finetune=_policy_from_cfg(cfg, spec),
+            out_features=_as_names(node.OUT_FEATURES, f"{CFG_PREFIX}.OUT_FEATURES") or out_features,
+            finetune=_policy_from_cfg(cfg, spec),
             norm_eval=node.NORM_EVAL, frozen_bn=node.FROZEN_BN, use_pyramid=node.USE_PYRAMID,
             grad_checkpoint=node.GRAD_CHECKPOINT,
             config_prefix=CFG_PREFIX,
@@ -222,19 +236,23 @@ class SDKBackbone(D2Backbone):
         if not self.use_pyramid:
             infos = {f.name: f for f in self.body.feature_info}
             return {n: n for n in infos}, infos
-        pyramid = self.body.pyramid_info
-        # hierarchical nets: pyramid() is the last four stages renamed, so compute them with early stop
-        sources = [p.name for p in pyramid] if self.spec.plain else self.spec.feature_names[-4:]
-        return dict(zip(PYRAMID_NAMES, sources)), dict(zip(PYRAMID_NAMES, pyramid))
+        pyramid = self.body.spec.pyramid
+        # native pyramids are feature levels renamed: compute only those asked for, with early stop
+        sources = pyramid.sources if pyramid.native else [p.name for p in pyramid.levels]
+        return dict(zip(PYRAMID_NAMES, sources)), dict(zip(PYRAMID_NAMES, pyramid.levels))
+
+    @property
+    def _neck_pyramid(self) -> bool:
+        return self.use_pyramid and not self.body.spec.pyramid.native
 
     def _divisibility(self) -> int:
         # the simple feature pyramid always computes strides 4..32 from a stride-16 grid
-        stride = 32 if self.use_pyramid and self.spec.plain else max(self._out_feature_strides.values())
+        stride = 32 if self._neck_pyramid else max(self._out_feature_strides.values())
         return math.lcm(stride, self.spec.input.patch_size or 1, self.spec.input.size_divisibility)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Normalized, padded images ``[B, 3, H, W]`` -> ``{name: map}`` for :attr:`out_features`."""
-        if self.use_pyramid and self.spec.plain:
+        if self._neck_pyramid:
             maps = self.body.pyramid(x)
         else:
             maps = self.body.features(x, [self._sources[n] for n in self._out_features])
@@ -256,6 +274,18 @@ class SDKBackbone(D2Backbone):
     def output_shape(self) -> dict[str, ShapeSpec]:
         return {n: ShapeSpec(channels=self._out_feature_channels[n], stride=self._out_feature_strides[n])
                 for n in self._out_features}
+
+
+#: deprecated name of :class:`Detectron2Backbone` (one release; it read too much like mmseg's ``BackboneSDK``)
+SDKBackbone = Detectron2Backbone
+
+
+def _freeze_at_policy(spec: BackboneSpec, freeze_at, finetune) -> FinetunePolicy:
+    if isinstance(freeze_at, bool) or not isinstance(freeze_at, int) or not 0 <= freeze_at <= len(spec.features) + 1:
+        raise ConfigError(f"freeze_at must be an int in [0, {len(spec.features) + 1}] for {spec.name}, got {freeze_at!r}")
+    if finetune not in (None, "", "none"):
+        raise ConfigError(f"set either freeze_at ({freeze_at}) or finetune ({finetune!r}), not both")
+    return policy_for(spec, freeze_at - 1)
 
 
 class SDKFPN(FPN):
@@ -319,7 +349,7 @@ def _policy_from_cfg(cfg: CfgNode, spec: BackboneSpec | None) -> str:
     freeze_at = int(cfg.MODEL.BACKBONE.FREEZE_AT)
     if freeze_at <= 0:
         return "none"
-    unit = "blocks" if spec.plain else "stages"
+    unit = unit_of(spec)
     groups = len(spec.features)
     if freeze_at - 1 > groups:
         raise ConfigError(f"MODEL.BACKBONE.FREEZE_AT={freeze_at}: {spec.name} has {groups} {unit} (FREEZE_AT <= "
@@ -355,7 +385,7 @@ def use_backbone(cfg: CfgNode, name: str, *, fpn: bool = True, **options) -> Cfg
 def _spec_of(source) -> BackboneSpec:
     if isinstance(source, BackboneSpec):
         return source
-    if isinstance(source, (Backbone, SDKBackbone)):
+    if isinstance(source, (Backbone, Detectron2Backbone)):
         return source.spec
     return get_spec(str(source))
 
@@ -402,8 +432,8 @@ def _lazy_get(cfg, dotted: str):
     return node
 
 
-def _find_sdk(module: nn.Module) -> SDKBackbone | None:
-    return next((m for m in module.modules() if isinstance(m, SDKBackbone)), None)
+def _find_sdk(module: nn.Module) -> Detectron2Backbone | None:
+    return next((m for m in module.modules() if isinstance(m, Detectron2Backbone)), None)
 
 
 def _pixel_settings(target) -> tuple[dict[str, Any], BackboneSpec | None]:
@@ -448,8 +478,7 @@ def check_pixels(target, spec=None) -> None:
                 problems.append(f"{key} is {value!r}, expected {fmt!r}")
             continue
         want = mean if key.lower().endswith("mean") else std
-        if len(value) != 3 or any(abs(a - b) > _PIXEL_TOLERANCE for a, b in zip(value, want)):
-            problems.append(f"{key} is {_fmt(value)}, expected {_fmt(want)}")
+        problems += [f"{key} {m}" for m in mismatches(value, want, scale=255.0)]
     if problems:
         raise PixelMismatchError(
             f"pixel settings disagree with {spec.name}'s preprocessing (RGB, 0-1 mean={spec.input.mean}, "
@@ -459,12 +488,8 @@ def check_pixels(target, spec=None) -> None:
         )
 
 
-def _fmt(values) -> str:
-    return "[" + ", ".join(f"{v:.3f}" for v in values) + "]"
-
-
 # -- builders --------------------------------------------------------------------------------------
-def _build_bottom_up(cfg: CfgNode, input_shape: ShapeSpec, out_features=None) -> SDKBackbone:
+def _build_bottom_up(cfg: CfgNode, input_shape: ShapeSpec, out_features=None) -> Detectron2Backbone:
     node = _sdk_node(cfg)
     if not node.NAME:
         raise ConfigError(f"{CFG_PREFIX}.NAME: empty; set it to a registered backbone (backbone_sdk.list_backbones()).")
@@ -474,11 +499,11 @@ def _build_bottom_up(cfg: CfgNode, input_shape: ShapeSpec, out_features=None) ->
                           f"{spec.input.channels}.")
     if not node.ALLOW_PIXEL_MISMATCH:
         check_pixels(cfg, spec)
-    return SDKBackbone.from_config(cfg, out_features=out_features)
+    return Detectron2Backbone.from_config(cfg, out_features=out_features)
 
 
 @BACKBONE_REGISTRY.register()
-def build_backbone_sdk_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> SDKBackbone:
+def build_backbone_sdk_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> Detectron2Backbone:
     """``MODEL.BACKBONE.NAME: build_backbone_sdk_backbone``: the backbone alone (no FPN)."""
     return _build_bottom_up(cfg, input_shape)
 
@@ -490,11 +515,12 @@ def build_backbone_sdk_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> SDK
     FPN inputs are ``MODEL.FPN.IN_FEATURES`` (the model-zoo default ``res2..res5`` = the pyramid
     levels); they are also the backbone's outputs unless ``OUT_FEATURES`` is set.
     """
-    in_features = [str(f) for f in cfg.MODEL.FPN.IN_FEATURES]
+    in_features = _as_names(cfg.MODEL.FPN.IN_FEATURES, "MODEL.FPN.IN_FEATURES") or []
     node = _sdk_node(cfg)
     spec = _checked(f"{CFG_PREFIX}.NAME", get_spec, node.NAME) if node.NAME else None
     if spec is not None:
-        _check_fpn_inputs(spec, in_features, list(node.OUT_FEATURES), bool(node.USE_PYRAMID))
+        out = _as_names(node.OUT_FEATURES, f"{CFG_PREFIX}.OUT_FEATURES") or []
+        _check_fpn_inputs(spec, in_features, out, bool(node.USE_PYRAMID))
     bottom_up = _build_bottom_up(cfg, input_shape, out_features=in_features)
     return SDKFPN(bottom_up=bottom_up, in_features=in_features, out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
                   norm=cfg.MODEL.FPN.NORM, top_block=LastLevelMaxPool(), fuse_type=cfg.MODEL.FPN.FUSE_TYPE)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..backbone import Backbone
-from ..errors import CheckpointMismatchError
+from ..errors import CheckpointMismatchError, InvalidOptionError
 from ..adapters.vlm import VisionTower, build_projector, tower_from_config
 
 __all__ = ["MultimodalLM", "LlavaVisionShim", "llava_with_backbone", "ensure_image_token",
@@ -331,8 +331,8 @@ class LlavaVisionShim(nn.Module):
     return_dict=True)`` and takes ``hidden_states[vision_feature_layer]``; with strategy
     ``"default"`` it drops the first token (CLS). ``hidden_states`` here follow transformers'
     convention for plain ViTs: entry 0 is the embedding output, entry ``i`` the output of block
-    ``i - 1``, so negative indices equal ``VisionTower(select_layer=...)``. For ResNet/Swin the
-    entries are the flattened stages ``stage1..stage4`` (no CLS: use strategy ``"full"``).
+    ``i - 1``, so negative indices equal ``VisionTower(select_layer=...)``. For hierarchical nets the
+    entries are the flattened levels ``stage1..stage4`` (no CLS: use strategy ``"full"``).
     Only the requested entries are computed (the others are ``None``) and the network stops at the
     deepest one; ``last_hidden_state`` is that deepest computed entry. Register tokens (DINOv2
     registers, DeiT's distillation token) are removed when ``drop_registers``.
@@ -342,11 +342,11 @@ class LlavaVisionShim(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.drop_registers = drop_registers
-        self.plain = hasattr(backbone, "run_blocks") and hasattr(backbone, "blocks")
+        self.plain = backbone.spec.plain
         self.patch_size = backbone.spec.input.patch_size or backbone.spec.features[-1].stride
 
     def _count(self) -> int:
-        return len(self.backbone.blocks) + 1 if self.plain else len(self.backbone.spec.features)
+        return len(self.backbone.spec.features) + int(self.plain)
 
     def _wanted(self, output_hidden_states) -> set[int]:
         count = self._count()
@@ -371,14 +371,13 @@ class LlavaVisionShim(nn.Module):
         bb, states = self.backbone, [None] * self._count()
         blocks = {i - 1 for i in wanted if i > 0}
         if 0 in wanted:
-            states[0] = bb.embed_tokens(pixels)
-        if blocks:
-            _, kept = bb.run_blocks(pixels, max(blocks), keep=blocks)
-            for i in blocks:
-                states[i + 1] = kept[i]
-        n = getattr(bb, "num_prefix_tokens", 1)
-        if self.drop_registers and n > 1:
-            states = [s if s is None else torch.cat([s[:, :1], s[:, n:]], dim=1) for s in states]
+            states[0] = bb.stem_tokens(pixels)
+        for i, seq in (bb.run_layers(pixels, blocks) if blocks else {}).items():
+            states[i + 1] = seq
+        prefix = bb.spec.prefix_tokens
+        if self.drop_registers and prefix.extra:
+            first, n = int(prefix.cls), prefix.count
+            states = [s if s is None else torch.cat([s[:, :first], s[:, n:]], dim=1) for s in states]
         return states
 
     def _stages(self, pixels, wanted):
@@ -416,9 +415,10 @@ def llava_with_backbone(backbone: Backbone | VisionTower, lm: nn.Module, image_t
     select_layer = -2 if select_layer is None else select_layer
     select_feature = select_feature or "patch"
     drop_registers = True if drop_registers is None else drop_registers
-    has_cls = getattr(backbone, "num_prefix_tokens", 0) >= 1
+    has_cls = backbone.spec.prefix_tokens.cls
     if select_feature == "cls_patch" and not has_cls:
-        raise ValueError(f"{backbone.spec.name} has no CLS token; use select_feature='patch'")
+        raise InvalidOptionError(f"{backbone.spec.name} has no CLS token (spec.prefix_tokens="
+                                 f"{backbone.spec.prefix_tokens}); use select_feature='patch'")
     # "default" drops token 0 (CLS); a CLS-less token map must be taken whole
     strategy = "default" if select_feature == "patch" and has_cls else "full"
     width = backbone.spec.features[select_layer].channels

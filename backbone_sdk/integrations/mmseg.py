@@ -34,14 +34,17 @@ from mmengine.hooks import Hook  # noqa: E402
 from mmengine.model import BaseModule, initialize, is_model_wrapper  # noqa: E402
 from mmseg.registry import HOOKS, MODELS  # noqa: E402
 
-from ..adapters.finetune import FinetunePolicy, apply_finetune  # noqa: E402
+from ..adapters.finetune import FinetunePolicy, apply_finetune, unit_of  # noqa: E402
 from ..backbone import PYRAMID_LEVELS  # noqa: E402
+from ..errors import InvalidOptionError  # noqa: E402
 from ..factory import create_backbone  # noqa: E402
+from ..pixels import close  # noqa: E402
 from ..registry import get_spec  # noqa: E402
 from ..specs import BackboneSpec  # noqa: E402
 from ..weights import LoadReport, load_state_dict  # noqa: E402
 
 __all__ = [
+    "MMSegBackbone",
     "BackboneSDK",
     "BackboneSDKHook",
     "backbone_channels",
@@ -74,7 +77,11 @@ def _resolve_indices(spec: BackboneSpec, out_indices, pyramid: bool) -> tuple[in
     names = _level_names(spec, pyramid)
     if out_indices is None:
         return _default_indices(spec, pyramid)
-    indices = (out_indices,) if isinstance(out_indices, int) else tuple(out_indices)
+    indices = (out_indices,) if isinstance(out_indices, int) else out_indices
+    if not isinstance(indices, (list, tuple)) or any(isinstance(i, bool) or not isinstance(i, int) for i in indices):
+        raise InvalidOptionError(f"out_indices must be an int or a list/tuple of ints (level indices, negative from "
+                                 f"the end), got {out_indices!r}")
+    indices = tuple(indices)
     what = "pyramid levels p2..p5" if pyramid else ("blocks" if spec.plain else "feature levels " + ", ".join(names))
     resolved = []
     for i in indices:
@@ -92,8 +99,10 @@ def _out_levels(name: str, out_indices, pyramid: bool) -> tuple[list[str], list[
     spec = get_spec(name)
     indices = _resolve_indices(spec, out_indices, pyramid)
     if pyramid:
-        width = spec.config.get("pyramid_channels", 256) if spec.plain else None
-        infos = [(p, width or spec.features[-4:][i].channels, s) for i, (p, s) in enumerate(PYRAMID_LEVELS)]
+        if spec.pyramid is None:
+            raise InvalidOptionError(f"pyramid=True: {spec.name} has no pyramid (level strides "
+                                     f"{[f.stride for f in spec.features]}, no neck); use pyramid=False")
+        infos = [(f.name, f.channels, f.stride) for f in spec.pyramid.levels]
     else:
         infos = [(f.name, f.channels, f.stride) for f in spec.features]
     chosen = [infos[i] for i in indices]
@@ -118,7 +127,7 @@ def _policy(spec: BackboneSpec, frozen_stages: int | None, finetune, norm_eval: 
         frozen_stages = -1
     if not isinstance(frozen_stages, int) or frozen_stages < -1:
         raise ValueError(f"frozen_stages must be an int >= -1 (-1: train everything), got {frozen_stages!r}")
-    mode = "blocks" if spec.plain else "stages"
+    mode = unit_of(spec)
     from_frozen = FinetunePolicy(mode, frozen_stages, norm_eval, frozen_norm) if frozen_stages >= 0 else None
     if finetune is None:
         return from_frozen or FinetunePolicy("none", 0, norm_eval, frozen_norm)
@@ -154,8 +163,8 @@ def read_checkpoint(path: str | os.PathLike, prefix: str | None = None) -> dict[
 
 
 # -- the backbone ----------------------------------------------------------------------------------
-@MODELS.register_module()
-class BackboneSDK(BaseModule):
+@MODELS.register_module(name="BackboneSDK")
+class MMSegBackbone(BaseModule):
     """Any backbone_sdk backbone as an mmseg backbone; ``forward`` returns a tuple of NCHW maps.
 
     :param name: a registered backbone name (``backbone_sdk.list_backbones()``).
@@ -196,7 +205,7 @@ class BackboneSDK(BaseModule):
         self.out_names = tuple(_out_levels(name, self.out_indices, self.pyramid)[0])
         policy = _policy(spec, frozen_stages, finetune, norm_eval, frozen_norm)
         self.overrides = _overrides(spec, self.pyramid)
-        self.body = create_backbone(name, **self.overrides)
+        self.body = create_backbone(spec, **self.overrides)
         self.weights_format = weights_format
         self.load_report: LoadReport | None = None
         if weights is not None:
@@ -217,7 +226,7 @@ class BackboneSDK(BaseModule):
     def channels(self) -> list[int]:
         """Channels of the returned maps, in order (``decode_head.in_channels``)."""
         if self.pyramid:
-            return [self.body.pyramid_channels[i] for i in self.out_indices]
+            return [self.body.pyramid_info[i].channels for i in self.out_indices]
         return [self.spec.feature(n).channels for n in self.out_names]
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -257,11 +266,11 @@ class BackboneSDK(BaseModule):
         # checkpoints of a segmentor built with this class carry our child's name ("body.")
         if state and all(k.startswith("body.") for k in state):
             state = {k[5:]: v for k, v in state.items()}
-        if self.overrides:
-            # keys of parts left out on purpose (text tower, unused pyramid) are not an error;
+        if self.spec.parts != get_spec(self.spec.plugin + ":" + self.spec.name).parts:
+            # keys of parts left out on purpose (text tower, unused neck) are not an error;
             # a meta-device build lists them without allocating memory
             with torch.device("meta"):
-                full = create_backbone(self.spec.name).state_dict().keys()
+                full = create_backbone(self.spec.plugin + ":" + self.spec.name).state_dict().keys()
             left_out = full - self.body.state_dict().keys()
             state = {k: v for k, v in state.items() if k not in left_out}
         return state
@@ -290,14 +299,13 @@ class BackboneSDK(BaseModule):
 
 
 def _overrides(spec: BackboneSpec, pyramid: bool) -> dict:
-    """Architecture overrides leaving out parts a segmentation backbone never runs (they would be
-    parameters without gradients: dead weight, and an error under DDP)."""
-    overrides = {}
-    if spec.plain and not pyramid:
-        overrides["with_pyramid"] = False
-    if "text" in spec.capabilities:
-        overrides["with_text"] = False
-    return overrides
+    """Only the optional parts a segmentation backbone runs (the neck when it uses the pyramid):
+    others would be parameters without gradients (dead weight, and an error under DDP)."""
+    return {"parts": spec.needed_parts(pyramid=pyramid)}
+
+
+#: the registry name configs use (``type='BackboneSDK'``); the Python name says which framework it serves
+BackboneSDK = MMSegBackbone
 
 
 def _is_local_file(source) -> bool:
@@ -373,7 +381,7 @@ def check_data_preprocessor(cfg_or_model, bgr_input: bool = True) -> None:
         got, expected = found[key], [round(v * 255, 4) for v in want]
         if got is None:
             problems.append(f"{key} is not set (images would reach {name} unnormalized); expected {expected}")
-        elif len(got) != 3 or not all(math.isclose(g, e, abs_tol=0.05) for g, e in zip(got, expected)):
+        elif not close(got, expected):
             problems.append(f"{key}={list(got)} but {name} was trained with {key}={expected} (RGB, 0-255)")
     if found["flips"] == "rgb_to_bgr":
         problems.append(f"rgb_to_bgr=True feeds BGR images, but {name} expects RGB")

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-import re
-from typing import Callable, Iterable, Mapping
+import contextlib
+import io
+import logging
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from ..layers.convert import has_keys, rename, split_qkv, strip_prefixes
+
+__all__ = ["run", "hf_model", "read_hf_pretrained", "has_keys", "rename", "split_qkv", "strip_prefixes"]
 
 SDPA = "sdpa"
 
@@ -31,41 +36,35 @@ def hf_model(model_cls, config, **kwargs) -> nn.Module:
     return model_cls(config, **kwargs)
 
 
-def rename(state: Mapping[str, torch.Tensor], rules: Iterable[tuple[str, str]],
-           drop: Iterable[str] = ()) -> dict[str, torch.Tensor]:
-    """Apply regex ``(pattern, replacement)`` rules in order to every key; drop keys matching ``drop``."""
-    rules = [(re.compile(p), r) for p, r in rules]
-    drops = [re.compile(d) for d in drop]
-    out = {}
-    for key, value in state.items():
-        if any(d.search(key) for d in drops):
-            continue
-        for pattern, repl in rules:
-            key = pattern.sub(repl, key)
-        out[key] = value
-    return out
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Keep transformers' loading reports (key tables, warnings) off stdout and out of the log."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
-def split_qkv(state: dict[str, torch.Tensor], fused_suffix: str, targets: Callable[[str], tuple[str, str, str]]):
-    """Split fused ``[3D, ...]`` qkv tensors (keys ending in ``fused_suffix``) into q, k, v keys."""
-    for key in [k for k in state if k.endswith(fused_suffix)]:
-        value = state.pop(key)
-        for name, part in zip(targets(key[: -len(fused_suffix)]), value.chunk(3, dim=0)):
-            state[name] = part.contiguous()
-    return state
+def read_hf_pretrained(inner: nn.Module, directory: str, prefix: str = "model.") -> dict[str, torch.Tensor] | None:
+    """State dict (keys under ``prefix``) of a transformers ``save_pretrained`` directory read through
+    ``type(inner).from_pretrained``, which also renames keys of older transformers versions.
 
+    Keys ``from_pretrained`` had to initialize are dropped, so strict loading reports them as
+    missing; keys of modules the backbone does not use (poolers, heads) are ignored.
+    """
+    from transformers import PreTrainedModel
 
-def has_keys(state: Mapping[str, torch.Tensor], *prefixes: str) -> bool:
-    return all(any(k.startswith(p) for k in state) for p in prefixes)
-
-
-def strip_prefixes(state: Mapping[str, torch.Tensor], prefixes: Iterable[str]) -> dict[str, torch.Tensor]:
-    """Remove the first matching prefix from every key (e.g. ``resnet.`` of a classification model)."""
-    out = {}
-    for key, value in state.items():
-        for prefix in prefixes:
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-                break
-        out[key] = value
-    return out
+    if not isinstance(inner, PreTrainedModel):
+        return None
+    with _quiet_transformers():
+        loaded, info = type(inner).from_pretrained(directory, config=inner.config, output_loading_info=True)
+    logging.getLogger(__name__).debug("transformers loading info for %s: %s", directory, info)
+    absent = set(info.get("missing_keys", ())) | {m[0] if isinstance(m, tuple) else m
+                                                 for m in info.get("mismatched_keys", ())}
+    ours = inner.state_dict()
+    return {f"{prefix}{k}": v for k, v in loaded.state_dict().items() if k in ours and k not in absent}

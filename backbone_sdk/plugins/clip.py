@@ -11,15 +11,16 @@ token ids and returns projected text embeddings; :attr:`CLIP.logit_scale` is the
 temperature (initialized to ``ln(1 / 0.07)``); :meth:`CLIP.tokenize` / :func:`tokenize` equal
 open_clip's tokenizer (see :mod:`backbone_sdk.plugins._clip_tokenizer`). Text embeddings pool
 the EOT token, found as ``argmax(token ids)`` like open_clip and OpenAI CLIP (EOT has the highest
-id). ``create_backbone(name, with_text=False)`` drops the text tower and ``logit_scale`` (the image
-tower alone, e.g. for detection); text keys of checkpoints are then ignored.
+id). The text tower is the optional part ``"text"``: ``create_backbone(name, parts=())`` (or any
+``parts`` without it) drops it and ``logit_scale`` (the image tower alone, e.g. for detection);
+text keys of checkpoints are then ignored.
 
 Weights: transformers checkpoints (``openai/clip-vit-*`` hub ids, ``CLIPModel`` /
 ``CLIPVisionModelWithProjection`` state dicts), the OpenAI release / open_clip layout
 (``visual.transformer.resblocks.*``, fused ``in_proj_weight``, ``visual.proj`` and
 ``text_projection`` used as ``x @ P``), formats ``"openai"`` / ``"open_clip"``, and timm's image
 towers (``vit_*_clip_*``: ``norm_pre``, ``blocks.N.attn.qkv``, ``head`` = projection), format
-``"timm"``, which hold no text tower: load them with ``with_text=False``.
+``"timm"``, which hold no text tower: load them without the ``"text"`` part.
 
 The ResNet CLIP models (RN50, RN101, RN50x4...) are not registered: transformers has no
 implementation of their modified ResNet with attention pooling.
@@ -31,13 +32,13 @@ import math
 import re
 from typing import Sequence
 
+import attrs
 import torch
 from torch import nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, UnsupportedOperationError
 from ..hookspecs import hookimpl
-from ..pyramid import SimpleFeaturePyramid
-from ..specs import CLIP_MEAN, CLIP_STD, BackboneSpec, InputSpec
+from ..specs import CLIP_MEAN, CLIP_STD, BackboneConfig, BackboneSpec, InputSpec, PrefixTokens, positive
 from . import _clip_tokenizer
 from ._common import has_keys, hf_model, rename, split_qkv, strip_prefixes
 from ._plainvit import PlainViT, block_features
@@ -55,6 +56,57 @@ def tokenize(texts: str | Sequence[str], context_length: int = _clip_tokenizer.C
     first use from the BPE vocabulary shipped with ``open_clip_torch`` (works offline).
     """
     return _clip_tokenizer.tokenize(texts, context_length)
+
+
+TEXT = "text"
+
+
+def _heads_of(dim_field: str):
+    def check(instance, attribute, value):
+        positive(instance, attribute, value)
+        dim = getattr(instance, dim_field)
+        if dim % value:
+            raise ValueError(f"{attribute.name}={value} must divide {dim_field}={dim}")
+    return check
+
+
+@attrs.frozen(kw_only=True)
+class CLIPConfig(BackboneConfig):
+    """Architecture of a CLIP variant: a ViT image tower and (optional part ``"text"``) a text tower.
+
+    ``dim``/``depth``/``heads``: image tower; ``text_*``: text tower; ``projection_dim``: width of the
+    shared embedding space (``embed_dim``); ``patch_size``: image patch side (the stride).
+    """
+
+    OPTIONAL_PARTS = frozenset({TEXT})
+
+    dim: int = attrs.field(validator=positive)
+    depth: int = attrs.field(validator=positive)
+    heads: int = attrs.field(validator=_heads_of("dim"))
+    patch_size: int = attrs.field(validator=positive)
+    text_dim: int = attrs.field(validator=positive)
+    text_depth: int = attrs.field(validator=positive)
+    text_heads: int = attrs.field(validator=_heads_of("text_dim"))
+    projection_dim: int = attrs.field(validator=positive)
+    vocab_size: int = attrs.field(default=_clip_tokenizer.VOCAB_SIZE, validator=positive)
+    context_length: int = attrs.field(default=_clip_tokenizer.CONTEXT_LENGTH, validator=positive)
+
+    @property
+    def plain(self):
+        return True
+
+    def feature_info(self, input):
+        return block_features(self.dim, self.depth, self.patch_size)
+
+    def embedding_dim(self):
+        return self.projection_dim
+
+    def prefix_tokens(self):
+        return PrefixTokens(cls=True)
+
+    def input_spec(self, input):
+        p = self.patch_size
+        return attrs.evolve(input, patch_size=p, size_divisibility=p, min_size=p)
 
 
 class _VisionStem(nn.Module):
@@ -77,22 +129,17 @@ class CLIP(PlainViT):
     """transformers ``CLIPModel`` (weights under ``model.``) behind the backbone_sdk interface."""
 
     def __init__(self, spec: BackboneSpec):
-        with_text = spec.config.get("with_text", True)
-        if not with_text:
-            spec = spec.evolve(capabilities=spec.capabilities - {"text"})
         super().__init__(spec)
-        self.with_text = with_text
-        if self.simple_pyramid is not None:
-            # PlainViT sizes the pyramid by spec.embed_dim, which for CLIP is the projection width
-            self.simple_pyramid = SimpleFeaturePyramid(spec.config["dim"], spec.config.get("pyramid_channels", 256))
-        from transformers import CLIPConfig, CLIPModel
+        cfg: CLIPConfig = spec.config
+        self.with_text = TEXT in spec.parts
+        from transformers import CLIPConfig as HFCLIPConfig, CLIPModel
 
-        self.model = hf_model(CLIPModel, CLIPConfig(
-            vision_config=_tower(spec.config, "", image_size=spec.input.image_size[0], patch_size=self.patch_size),
-            text_config=_tower(spec.config, "text_", vocab_size=spec.config["vocab_size"],
-                               max_position_embeddings=spec.config["context_length"], eos_token_id=_clip_tokenizer.EOT_ID,
+        self.model = hf_model(CLIPModel, HFCLIPConfig(
+            vision_config=_tower(cfg, "", image_size=spec.input.image_size[0], patch_size=self.patch_size),
+            text_config=_tower(cfg, "text_", vocab_size=cfg.vocab_size,
+                               max_position_embeddings=cfg.context_length, eos_token_id=_clip_tokenizer.EOT_ID,
                                bos_token_id=_clip_tokenizer.SOT_ID, pad_token_id=0),
-            projection_dim=spec.config["projection_dim"], logit_scale_init_value=LOGIT_SCALE_INIT,
+            projection_dim=cfg.projection_dim, logit_scale_init_value=LOGIT_SCALE_INIT,
         ))
         if not self.with_text:
             self.model.text_model = None
@@ -118,10 +165,6 @@ class CLIP(PlainViT):
     def stem(self):
         return self._stem
 
-    @property
-    def pyramid_channels(self):
-        return (self.simple_pyramid.out_channels if self.simple_pyramid is not None else self.spec.config["dim"],) * 4
-
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Projected CLIP image embedding ``[B, projection_dim]`` (not normalized)."""
         self.check_images(images)
@@ -137,7 +180,7 @@ class CLIP(PlainViT):
 
     @property
     def context_length(self) -> int:
-        return self.spec.config["context_length"]
+        return self.spec.config.context_length
 
     def tokenize(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.Tensor:
         """Token ids ``[B, context_length]`` for this model (see :func:`tokenize`)."""
@@ -150,7 +193,8 @@ class CLIP(PlainViT):
         ``L <= context_length``, as open_clip's tokenizer makes them (EOT = highest id per row).
         """
         if not self.with_text:
-            raise RuntimeError(f"{self.spec.name} was created with with_text=False; it has no text tower")
+            raise UnsupportedOperationError(f"{self.spec.name} was created without its text tower (parts="
+                                            f"{sorted(self.spec.parts)}); create it with parts including 'text'")
         tokens = self._as_tokens(texts)
         eot = tokens.argmax(dim=-1)
         # attention is causal: positions after the last EOT cannot change the pooled tokens, skip them
@@ -176,6 +220,11 @@ class CLIP(PlainViT):
         return tokens.to(self.model.text_projection.weight.device)
 
     # -- training support ---------------------------------------------------------------------
+    def no_weight_decay(self) -> set[str]:
+        """The image stem's tokens and position table, the text position table and ``logit_scale``."""
+        text = {n for n, _ in self.named_parameters() if n.startswith("model.text_model.embeddings.position")}
+        return super().no_weight_decay() | text | ({"model.logit_scale"} if self.with_text else set())
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Checkpoint the vision blocks (always) and the text blocks (in training mode, via transformers)."""
         super().set_grad_checkpointing(enable)
@@ -194,12 +243,12 @@ class CLIP(PlainViT):
             text.activation_checkpointing_disable()
 
 
-def _tower(cfg, prefix: str, **extra) -> dict:
-    """transformers config dict of one tower from the spec's ``{prefix}dim/depth/heads``."""
-    dim = cfg[f"{prefix}dim"]
-    return dict(hidden_size=dim, intermediate_size=dim * 4, num_hidden_layers=cfg[f"{prefix}depth"],
-                num_attention_heads=cfg[f"{prefix}heads"], hidden_act="quick_gelu", layer_norm_eps=1e-5,
-                projection_dim=cfg["projection_dim"], **extra)
+def _tower(cfg: CLIPConfig, prefix: str, **extra) -> dict:
+    """transformers config dict of one tower from the config's ``{prefix}dim/depth/heads``."""
+    dim = getattr(cfg, f"{prefix}dim")
+    return dict(hidden_size=dim, intermediate_size=dim * 4, num_hidden_layers=getattr(cfg, f"{prefix}depth"),
+                num_attention_heads=getattr(cfg, f"{prefix}heads"), hidden_act="quick_gelu", layer_norm_eps=1e-5,
+                projection_dim=cfg.projection_dim, **extra)
 
 
 def build(spec: BackboneSpec) -> CLIP:
@@ -216,26 +265,24 @@ _VARIANTS = {
 }
 
 
-def make_spec(name, vision, patch, res, text, proj, hub_id, description, *, test=False, pyramid=256):
+def make_spec(name, vision, patch, res, text, proj, hub_id, description, *, test=False, neck=256) -> BackboneSpec:
     dim, depth, heads = vision
     text_dim, text_depth, text_heads = text
-    return BackboneSpec(
-        name=name, family=FAMILY, builder=f"{__name__}:build",
-        input=InputSpec(mean=CLIP_MEAN, std=CLIP_STD, image_size=res, patch_size=patch, size_divisibility=patch,
-                        min_size=patch, crop_pct=1.0),
-        features=block_features(dim, depth, patch), embed_dim=proj, hub_id=hub_id, plain=True, is_test=test,
-        capabilities={"text"}, description=description,
-        config={"dim": dim, "depth": depth, "heads": heads, "text_dim": text_dim, "text_depth": text_depth,
-                "text_heads": text_heads, "projection_dim": proj, "vocab_size": _clip_tokenizer.VOCAB_SIZE,
-                "context_length": _clip_tokenizer.CONTEXT_LENGTH, "pyramid_channels": pyramid},
+    config = CLIPConfig(dim=dim, depth=depth, heads=heads, patch_size=patch, text_dim=text_dim, text_depth=text_depth,
+                        text_heads=text_heads, projection_dim=proj, neck_channels=neck)
+    return BackboneSpec.from_config(
+        config, name=name, family=FAMILY, builder=f"{__name__}:build",
+        input=InputSpec(mean=CLIP_MEAN, std=CLIP_STD, image_size=res, crop_pct=1.0),
+        hub_id=hub_id, is_test=test, capabilities={TEXT}, description=description,
     )
 
 
 @hookimpl
-def register_backbones(register):
+def register_backbones(registry):
     for name, args in _VARIANTS.items():
-        register(make_spec(name, *args))
-    register(make_spec("clip_test", (32, 2, 2), 8, 32, (32, 2, 2), 16, None, "tiny CLIP for tests", test=True, pyramid=16))
+        registry.add(make_spec(name, *args))
+    registry.add(make_spec("clip_test", (32, 2, 2), 8, 32, (32, 2, 2), 16, None, "tiny CLIP for tests", test=True,
+                           neck=16))
 
 
 # -- checkpoint conversion -------------------------------------------------------------------------
@@ -269,9 +316,7 @@ def convert_openai(state):
     """OpenAI release / open_clip ``CLIP`` state dict -> native keys (``x @ P`` projections transposed)."""
     state = {k: v.t() if k in ("visual.proj", "text_projection") else v for k, v in state.items()}
     state = rename(state, _OPENAI_RULES, drop=_OPENAI_DROP)
-    for kind in ("weight", "bias"):
-        state = split_qkv(state, f".in_proj.{kind}", lambda p, kind=kind: tuple(f"{p}.{c}_proj.{kind}" for c in "qkv"))
-    return state
+    return split_qkv(state, "in_proj")
 
 
 _TIMM_RULES = [
@@ -299,13 +344,11 @@ def convert_timm(state):
     if bias is not None and bool(bias.abs().max() > 0):
         raise CheckpointError("this timm checkpoint has a classifier head (non-zero head.bias), not CLIP's "
                               "projection; load the image tower without it (drop the head.* keys) into a "
-                              "with_text=False model, or use the OpenAI/open_clip release.")
+                              "model without the 'text' part, or use the OpenAI/open_clip release.")
     state = {k: v for k, v in state.items() if k != "head.bias"}
     state = {k: v.flatten() if k == "cls_token" else v[0] if k == "pos_embed" else v for k, v in state.items()}
     state = rename(state, _TIMM_RULES)
-    for kind in ("weight", "bias"):
-        state = split_qkv(state, f".qkv.{kind}", lambda p, kind=kind: tuple(f"{p}.{c}_proj.{kind}" for c in "qkv"))
-    return state
+    return split_qkv(state, "qkv")
 
 
 def convert_transformers(state):
@@ -320,8 +363,6 @@ def _drop_text(state):
 
 @hookimpl
 def convert_checkpoint(spec, state_dict, source_format):
-    if spec.family != FAMILY:
-        return None
     if source_format in (None, "openai", "open_clip") and has_keys(state_dict, "visual.transformer.resblocks."):
         fmt = source_format or ("openai" if "input_resolution" in state_dict else "open_clip")
         converted = convert_openai(state_dict)
@@ -333,6 +374,6 @@ def convert_checkpoint(spec, state_dict, source_format):
         fmt, converted = "transformers", convert_transformers(state_dict)
     else:
         return None
-    if not spec.config.get("with_text", True):
+    if TEXT not in spec.parts:
         converted = _drop_text(converted)
     return converted, fmt

@@ -7,12 +7,13 @@ Features ``block{i}`` (every block, stride 14); ``embed`` is the final-normed CL
 feature pyramid. Position embeddings are trained for 518x518 (a 37x37 grid) and resampled
 bicubically for other sizes.
 
-Resampling: transformers' ``Dinov2Model`` (like the original release) resamples *without*
-antialiasing, ``Dinov2WithRegistersModel`` (like the original register release) and timm *with*
-it. Each variant defaults to its transformers model's behaviour; ``pos_embed_antialias=True`` or
-``False`` (spec config or ``create_backbone`` override) picks the other one. At the native size no
-resampling happens and the choice has no effect. (The original non-register release also
-stretches its scale factor by 0.1 patch, which transformers 5 and timm do not; neither do we.)
+Resampling, as in the original releases by default: the four original models (``dinov2_vit*14``)
+stretch the bicubic scale factor by 0.1 patch (``scale_factor=(h + 0.1) / 37``) without
+antialiasing, as ``dinov2==0.0.1`` does; the register models resample to the exact grid with
+antialiasing, as their release does. transformers' ``Dinov2Model`` and timm resample to the exact
+grid (``pos_embed_offset=0``; antialias off in transformers' non-register model, on in timm):
+pick them with the ``pos_embed_offset`` / ``pos_embed_antialias`` overrides. At the native size no
+resampling happens and the choice has no effect.
 
 Weights: transformers checkpoints (current and 4.x key names), the original DINOv2 release
 (``dinov2``) and timm (``timm``) state dicts. The mask token is only used for masked pre-training:
@@ -23,29 +24,85 @@ from __future__ import annotations
 
 import math
 
+import attrs
 import torch
 import torch.nn.functional as F
 
 from ..hookspecs import hookimpl
-from ..specs import IMAGENET_MEAN, IMAGENET_STD, BackboneSpec, InputSpec
+from ..specs import (IMAGENET_MEAN, IMAGENET_STD, BackboneConfig, BackboneSpec, InputSpec, PrefixTokens, non_negative,
+                     positive)
 from ._common import has_keys, hf_model, rename, split_qkv, strip_prefixes
 from ._plainvit import PlainViT, block_features
 
 FAMILY = "dinov2"
 PATCH = 14
 NATIVE_SIZE = 518
+#: the original release's bicubic scale-factor stretch (dinov2 0.0.1, models without registers)
+RELEASE_OFFSET = 0.1
+
+
+def _divides_dim(instance, attribute, value):
+    positive(instance, attribute, value)
+    if instance.dim % value:
+        raise ValueError(f"heads={value} must divide dim={instance.dim}")
+
+
+def _offset(instance, attribute, value):
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{attribute.name} must be in [0, 1), got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class DINOv2Config(BackboneConfig):
+    """Architecture of a DINOv2 variant.
+
+    :param dim: token width. :param depth: blocks. :param heads: attention heads (divide ``dim``).
+    :param registers: register tokens after CLS (0 or 4 in the releases). :param swiglu: SwiGLU MLP (ViT-g).
+    :param pos_embed_size: image side the position table was trained for (518 = 37x37 patches).
+    :param pos_embed_offset: patch offset added to the resampling scale factor (0.1 in the original
+        release; 0 resamples to the exact grid, as transformers and timm and the register release).
+    :param pos_embed_antialias: antialias when resampling (off in the original release, on for registers).
+    """
+
+    dim: int = attrs.field(validator=positive)
+    depth: int = attrs.field(validator=positive)
+    heads: int = attrs.field(validator=_divides_dim)
+    registers: int = attrs.field(default=0, validator=non_negative)
+    swiglu: bool = False
+    mlp_ratio: int = attrs.field(default=4, validator=positive)
+    patch_size: int = attrs.field(default=PATCH, validator=positive)
+    pos_embed_size: int = attrs.field(default=NATIVE_SIZE, validator=positive)
+    pos_embed_offset: float = attrs.field(default=RELEASE_OFFSET, validator=_offset)
+    pos_embed_antialias: bool = False
+    layer_norm_eps: float = 1e-6
+
+    @property
+    def plain(self):
+        return True
+
+    def feature_info(self, input):
+        return block_features(self.dim, self.depth, self.patch_size)
+
+    def embedding_dim(self):
+        return self.dim
+
+    def prefix_tokens(self):
+        return PrefixTokens(cls=True, registers=self.registers)
+
+    def input_spec(self, input):
+        p = self.patch_size
+        return attrs.evolve(input, patch_size=p, size_divisibility=p, min_size=p)
 
 
 class DINOv2(PlainViT):
     """transformers ``Dinov2Model`` (or ``Dinov2WithRegistersModel``) behind the backbone_sdk interface."""
 
-    optional_key_prefixes = (*PlainViT.optional_key_prefixes, "model.embeddings.mask_token")
+    optional_keys = ("model.embeddings.mask_token",)
 
     def __init__(self, spec: BackboneSpec):
         super().__init__(spec)
-        cfg = spec.config
-        self.num_registers = int(cfg.get("registers", 0))
-        self.num_prefix_tokens = 1 + self.num_registers
+        cfg: DINOv2Config = spec.config
+        self.num_registers = cfg.registers
         if self.num_registers:
             from transformers import Dinov2WithRegistersConfig as Config, Dinov2WithRegistersModel as Model
 
@@ -55,16 +112,15 @@ class DINOv2(PlainViT):
 
             extra = {}
         config = Config(
-            hidden_size=cfg["dim"], num_hidden_layers=cfg["depth"], num_attention_heads=cfg["heads"],
-            mlp_ratio=cfg.get("mlp_ratio", 4), image_size=cfg.get("pos_embed_size", NATIVE_SIZE),
-            patch_size=spec.input.patch_size, layer_norm_eps=cfg.get("layer_norm_eps", 1e-6),
-            use_swiglu_ffn=cfg.get("swiglu", False), qkv_bias=True, **extra,
+            hidden_size=cfg.dim, num_hidden_layers=cfg.depth, num_attention_heads=cfg.heads,
+            mlp_ratio=cfg.mlp_ratio, image_size=cfg.pos_embed_size, patch_size=cfg.patch_size,
+            layer_norm_eps=cfg.layer_norm_eps, use_swiglu_ffn=cfg.swiglu, qkv_bias=True, **extra,
         )
         self.model = hf_model(Model, config)
-        # what the wrapped transformers model does itself (see the module docstring)
-        self.native_antialias = bool(self.num_registers)
-        flag = cfg.get("pos_embed_antialias")
-        self.pos_embed_antialias = self.native_antialias if flag is None else bool(flag)
+        # what the wrapped transformers model does itself: exact grid, antialias only with registers
+        self.native_resampling = cfg.pos_embed_offset == 0 and cfg.pos_embed_antialias == bool(self.num_registers)
+        self.pos_embed_antialias = cfg.pos_embed_antialias
+        self.pos_embed_offset = cfg.pos_embed_offset
 
     @property
     def blocks(self):
@@ -72,12 +128,13 @@ class DINOv2(PlainViT):
         # and duplicate every block's weights under "blocks." in the state dict
         return self.model.encoder.layer
 
-    def pos_embed(self, height: int, width: int, antialias: bool | None = None) -> torch.Tensor:
+    def pos_embed(self, height: int, width: int, antialias: bool | None = None,
+                  offset: float | None = None) -> torch.Tensor:
         """Position embeddings ``[1, 1 + N, D]`` (CLS first) for ``height x width`` pixel images.
 
-        The patch part of the table is resampled bicubically (``align_corners=False``, in fp32, to
-        the exact target grid, as transformers and timm do); the CLS entry is kept as is.
-        ``antialias`` defaults to this backbone's ``pos_embed_antialias``.
+        The patch part of the table is resampled bicubically in fp32 (``align_corners=False``): with
+        ``offset > 0`` by the scale factor ``(grid + offset) / side`` as the original release does,
+        with ``offset == 0`` to the exact grid. The CLS entry is kept. Defaults: this backbone's config.
         """
         table = self.model.embeddings.position_embeddings
         grid = (height // self.patch_size, width // self.patch_size)
@@ -85,14 +142,16 @@ class DINOv2(PlainViT):
         if grid == (side, side):
             return table
         antialias = self.pos_embed_antialias if antialias is None else antialias
+        offset = self.pos_embed_offset if offset is None else offset
+        target = {"scale_factor": ((grid[0] + offset) / side, (grid[1] + offset) / side)} if offset else {"size": grid}
         patch = table[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
-        patch = F.interpolate(patch, size=grid, mode="bicubic", align_corners=False, antialias=antialias)
+        patch = F.interpolate(patch, mode="bicubic", align_corners=False, antialias=antialias, **target)
         patch = patch.to(table.dtype).permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1)
         return torch.cat([table[:, :1], patch], dim=1)
 
     def embed_tokens(self, images):
         emb = self.model.embeddings
-        if self.pos_embed_antialias == self.native_antialias:
+        if self.native_resampling:
             return emb(images)
         x = emb.patch_embeddings(images)
         x = torch.cat([emb.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
@@ -122,33 +181,32 @@ REGISTERS = 4
 
 
 def make_spec(name, dim, depth, heads, *, registers=0, swiglu=False, hub_id=None, description="",
-              pos_embed_size=NATIVE_SIZE, image_size=224, pyramid=256, test=False):
-    return BackboneSpec(
-        name=name, family=FAMILY, builder=f"{__name__}:build",
-        input=InputSpec(mean=IMAGENET_MEAN, std=IMAGENET_STD, image_size=image_size, patch_size=PATCH,
-                        size_divisibility=PATCH, min_size=PATCH),
-        features=block_features(dim, depth, PATCH), embed_dim=dim, hub_id=hub_id, plain=True, is_test=test,
-        config={"dim": dim, "depth": depth, "heads": heads, "registers": registers, "swiglu": swiglu,
-                "pos_embed_size": pos_embed_size, "pos_embed_antialias": bool(registers),
-                "layer_norm_eps": 1e-6, "pyramid_channels": pyramid},
-        description=description,
+              pos_embed_size=NATIVE_SIZE, image_size=224, neck=256, test=False) -> BackboneSpec:
+    # as released: the register models resample to the exact grid with antialiasing
+    config = DINOv2Config(dim=dim, depth=depth, heads=heads, registers=registers, swiglu=swiglu,
+                          pos_embed_size=pos_embed_size, pos_embed_offset=0.0 if registers else RELEASE_OFFSET,
+                          pos_embed_antialias=bool(registers), neck_channels=neck)
+    return BackboneSpec.from_config(
+        config, name=name, family=FAMILY, builder=f"{__name__}:build",
+        input=InputSpec(mean=IMAGENET_MEAN, std=IMAGENET_STD, image_size=image_size),
+        hub_id=hub_id, is_test=test, description=description,
     )
 
 
 @hookimpl
-def register_backbones(register):
+def register_backbones(registry):
     for letter, (dim, depth, heads, size) in _SIZES.items():
         for registers in (0, REGISTERS):
             suffix, hub = ("_reg", "with-registers-") if registers else ("", "")
-            register(make_spec(
+            registry.add(make_spec(
                 f"dinov2_vit{letter}14{suffix}", dim, depth, heads, registers=registers, swiglu=letter == "g",
                 hub_id=f"facebook/dinov2-{hub}{size}",
                 description=f"DINOv2 ViT-{letter.upper()}/14" + (" with 4 registers" if registers else ""),
             ))
-    tiny = dict(pos_embed_size=56, image_size=56, pyramid=16, test=True)
-    register(make_spec("dinov2_test", 32, 2, 2, description="tiny DINOv2 for tests", **tiny))
-    register(make_spec("dinov2_reg_test", 32, 2, 2, registers=REGISTERS,
-                       description="tiny DINOv2 with registers for tests", **tiny))
+    tiny = dict(pos_embed_size=56, image_size=56, neck=16, test=True)
+    registry.add(make_spec("dinov2_test", 32, 2, 2, description="tiny DINOv2 for tests", **tiny))
+    registry.add(make_spec("dinov2_reg_test", 32, 2, 2, registers=REGISTERS,
+                           description="tiny DINOv2 with registers for tests", **tiny))
 
 
 # -- checkpoint conversion -------------------------------------------------------------------------
@@ -198,9 +256,7 @@ def convert_release(state, swiglu: bool):
         # timm's register models keep no CLS position (no_embed_class) and fold it into cls_token
         state["pos_embed"] = torch.cat([pos.new_zeros(1, 1, pos.shape[-1]), pos], dim=1)
     state = rename(state, _RELEASE_RULES, drop=[r"^head\.", r"^fc_norm\.", r"^norm_pre\.", r"^pre_logits"])
-    for kind in ("weight", "bias"):
-        state = split_qkv(state, f".qkv.{kind}", lambda p: tuple(f"{p}.{c}_proj.{kind}" for c in "qkv"))
-    return _split_swiglu(state, swiglu)
+    return _split_swiglu(split_qkv(state, "qkv"), swiglu)
 
 
 def convert_transformers(state):
@@ -223,12 +279,10 @@ def detect_format(state) -> str | None:
 
 @hookimpl
 def convert_checkpoint(spec, state_dict, source_format):
-    if spec.family != FAMILY:
-        return None
     detected = detect_format(state_dict)
     fmt = source_format or detected
     if fmt in ("dinov2", "timm") and detected in ("dinov2", "timm"):
-        return convert_release(state_dict, spec.config.get("swiglu", False)), fmt
+        return convert_release(state_dict, spec.config.swiglu), fmt
     if fmt == "transformers" and detected == "transformers":
         return convert_transformers(state_dict), fmt
     return None

@@ -6,15 +6,42 @@ Weights: transformers hub checkpoints (``microsoft/resnet-50``), torchvision and
 
 from __future__ import annotations
 
+import attrs
 import torch
-from torch import nn
 
 from ..backbone import Backbone
 from ..hookspecs import hookimpl
-from ..specs import BackboneSpec, FeatureInfo, InputSpec, Tokens
-from ._common import has_keys, rename, run, strip_prefixes
+from ..specs import BackboneConfig, BackboneSpec, FeatureInfo, InputSpec, positive, positive_ints
+from ._common import has_keys, read_hf_pretrained, rename, run, strip_prefixes
 
 FAMILY = "resnet"
+
+
+def _four(instance, attribute, value):
+    positive_ints(instance, attribute, value)
+    if len(value) != 4:
+        raise ValueError(f"{attribute.name} must have 4 entries (one per stage), got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class ResNetConfig(BackboneConfig):
+    """Architecture of a ResNet variant.
+
+    :param block: ``"basic"`` (ResNet-18/34) or ``"bottleneck"`` (ResNet-50 and deeper).
+    :param depths: blocks per stage (4). :param widths: output channels per stage (4): the
+        channels of ``stage1..stage4``. :param stem_width: channels of the 7x7 stem convolution.
+    """
+
+    block: str = attrs.field(validator=attrs.validators.in_(("basic", "bottleneck")))
+    depths: tuple[int, ...] = attrs.field(converter=tuple, validator=_four)
+    widths: tuple[int, ...] = attrs.field(converter=tuple, validator=_four)
+    stem_width: int = attrs.field(default=64, validator=positive)
+
+    def feature_info(self, input):
+        return [FeatureInfo(f"stage{i + 1}", w, 4 * 2**i) for i, w in enumerate(self.widths)]
+
+    def embedding_dim(self):
+        return self.widths[-1]
 
 
 class ResNet(Backbone):
@@ -22,12 +49,12 @@ class ResNet(Backbone):
 
     def __init__(self, spec: BackboneSpec):
         super().__init__(spec)
-        from transformers import ResNetConfig, ResNetModel
+        from transformers import ResNetConfig as HFConfig, ResNetModel
 
-        cfg = spec.config
-        config = ResNetConfig(
-            embedding_size=cfg["stem_width"], hidden_sizes=list(cfg["widths"]), depths=list(cfg["depths"]),
-            layer_type=cfg["block"], downsample_in_bottleneck=False,
+        cfg: ResNetConfig = spec.config
+        config = HFConfig(
+            embedding_size=cfg.stem_width, hidden_sizes=list(cfg.widths), depths=list(cfg.depths),
+            layer_type=cfg.block, downsample_in_bottleneck=False,
         )
         self.model = ResNetModel(config)
         self.model.pooler = None  # embed() pools itself; keeps the state dict free of unused modules
@@ -35,27 +62,22 @@ class ResNet(Backbone):
 
     def _features(self, images, levels):
         x = self.model.embedder(images)
-        out, last = {}, self.spec.feature_names.index(levels[-1])
+        names = self.spec.feature_names
+        out, last = {}, names.index(levels[-1])
         for i, stage in enumerate(self.model.encoder.stages[: last + 1]):
             x = run(stage, x, self.grad_checkpointing)
-            name = f"stage{i + 1}"
-            if name in levels:
-                out[name] = x
+            if names[i] in levels:
+                out[names[i]] = x
         return out
-
-    def embed(self, images):
-        return self.features(images, "stage4")["stage4"].mean(dim=(2, 3))
-
-    def tokens(self, images, layer=-1):
-        name = self.spec.feature_names[layer]
-        fmap = self.features(images, name)[name]
-        return Tokens(patches=fmap.flatten(2).transpose(1, 2), grid=tuple(fmap.shape[-2:]))
 
     def stage_modules(self):
         return [self.model.embedder, *self.model.encoder.stages]
 
     def set_grad_checkpointing(self, enable=True):
         self.grad_checkpointing = enable
+
+    def read_pretrained(self, directory):
+        return read_hf_pretrained(self.model, directory)
 
 
 def build(spec: BackboneSpec) -> ResNet:
@@ -74,20 +96,18 @@ _VARIANTS = {
 
 
 def make_spec(name, block, depths, widths, stem, hub_id) -> BackboneSpec:
-    return BackboneSpec(
-        name=name, family=FAMILY, builder=f"{__name__}:build",
-        input=InputSpec(min_size=32),
-        features=[FeatureInfo(f"stage{i + 1}", w, 4 * 2**i) for i, w in enumerate(widths)],
-        embed_dim=widths[-1], hub_id=hub_id, is_test=hub_id is None,
-        config={"block": block, "depths": depths, "widths": widths, "stem_width": stem},
+    config = ResNetConfig(block=block, depths=depths, widths=widths, stem_width=stem)
+    return BackboneSpec.from_config(
+        config, name=name, family=FAMILY, builder=f"{__name__}:build", input=InputSpec(min_size=32),
+        hub_id=hub_id, is_test=hub_id is None,
         description=f"ResNet-{name[6:]} ({block} blocks)" if hub_id else "tiny ResNet for tests",
     )
 
 
 @hookimpl
-def register_backbones(register):
+def register_backbones(registry):
     for name, args in _VARIANTS.items():
-        register(make_spec(name, *args))
+        registry.add(make_spec(name, *args))
 
 
 # -- checkpoint conversion -------------------------------------------------------------------------
@@ -117,7 +137,7 @@ def with_batch_counters(state: dict) -> dict:
 
 def convert(spec: BackboneSpec, state, source_format):
     if source_format in (None, "torchvision", "timm") and has_keys(state, "conv1.", "layer1."):
-        state = rename(state, _torchvision_rules(spec.config["block"]), drop=[r"^fc\."])
+        state = rename(state, _torchvision_rules(spec.config.block), drop=[r"^fc\."])
         return with_batch_counters(state), source_format or "torchvision"
     if source_format in (None, "transformers") and has_keys(state, "resnet.embedder."):
         state = strip_prefixes(state, ["resnet."])
@@ -131,6 +151,4 @@ def convert(spec: BackboneSpec, state, source_format):
 
 @hookimpl
 def convert_checkpoint(spec, state_dict, source_format):
-    if spec.family != FAMILY:
-        return None
     return convert(spec, state_dict, source_format)

@@ -25,17 +25,62 @@ stages 0-2, persistent ``relative_position_index``/``attn_mask`` buffers).
 
 from __future__ import annotations
 
+import attrs
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 from ..backbone import Backbone
 from ..hookspecs import hookimpl
-from ..specs import BackboneSpec, FeatureInfo, InputSpec, Tokens
-from ._common import has_keys, hf_model, rename, run, split_qkv, strip_prefixes
+from ..specs import BackboneConfig, BackboneSpec, FeatureInfo, InputSpec, positive, positive_ints
+from ._common import has_keys, hf_model, read_hf_pretrained, rename, run, split_qkv, strip_prefixes
 
 FAMILY = "swin"
 _MASKED = -100.0  # the additive mask value of the reference implementation (exactly reproduced)
+
+
+def _four(instance, attribute, value):
+    positive_ints(instance, attribute, value)
+    if len(value) != 4:
+        raise ValueError(f"{attribute.name} must have 4 entries (one per stage), got {value!r}")
+
+
+def _heads(instance, attribute, value):
+    _four(instance, attribute, value)
+    bad = [(i, h) for i, h in enumerate(value) if (instance.embed_dim * 2**i) % h]
+    if bad:
+        raise ValueError(f"heads {value!r} must divide the stage widths {[instance.embed_dim * 2**i for i in range(4)]}")
+
+
+def _unit_interval(instance, attribute, value):
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{attribute.name} must be in [0, 1), got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class SwinConfig(BackboneConfig):
+    """Architecture of a Swin variant.
+
+    :param embed_dim: channels ``C`` of stage 1 (stages have ``C, 2C, 4C, 8C``). :param depths: blocks
+    per stage. :param heads: attention heads per stage (dividing its width). :param window: window
+    side in tokens. :param patch_size: side of the stem's patches (stride of stage 1).
+    :param drop_path_rate: stochastic-depth rate of the last block (linear from 0).
+    """
+
+    embed_dim: int = attrs.field(validator=positive)
+    depths: tuple[int, ...] = attrs.field(converter=tuple, validator=_four)
+    heads: tuple[int, ...] = attrs.field(converter=tuple, validator=_heads)
+    window: int = attrs.field(default=7, validator=positive)
+    patch_size: int = attrs.field(default=4, validator=positive)
+    drop_path_rate: float = attrs.field(default=0.0, validator=_unit_interval)
+
+    def feature_info(self, input):
+        return [FeatureInfo(f"stage{i + 1}", self.embed_dim * 2**i, self.patch_size * 2**i) for i in range(4)]
+
+    def embedding_dim(self):
+        return self.embed_dim * 8
+
+    def input_spec(self, input):
+        return attrs.evolve(input, patch_size=self.patch_size)
 
 
 class Swin(Backbone):
@@ -43,25 +88,26 @@ class Swin(Backbone):
 
     def __init__(self, spec: BackboneSpec):
         super().__init__(spec)
-        from transformers import SwinConfig, SwinModel
+        from transformers import SwinConfig as HFSwinConfig, SwinModel
 
-        cfg = spec.config
-        config = SwinConfig(
-            image_size=spec.input.image_size[0], patch_size=spec.input.patch_size, embed_dim=cfg["embed_dim"],
-            depths=list(cfg["depths"]), num_heads=list(cfg["heads"]), window_size=cfg["window"],
-            drop_path_rate=cfg.get("drop_path_rate", 0.0), layer_norm_eps=1e-5,
+        cfg: SwinConfig = spec.config
+        config = HFSwinConfig(
+            image_size=spec.input.image_size[0], patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
+            depths=list(cfg.depths), num_heads=list(cfg.heads), window_size=cfg.window,
+            drop_path_rate=cfg.drop_path_rate, layer_norm_eps=1e-5,
         )
         self.model = hf_model(SwinModel, config, add_pooling_layer=False)
-        self.window = cfg["window"]
+        self.window = cfg.window
         self.grad_checkpointing = False
 
     def _features(self, images, levels):
-        out, last = {}, self.spec.feature_names.index(levels[-1])
+        names = self.spec.feature_names
+        out, last = {}, names.index(levels[-1])
         x, dims = self.model.embeddings(images)
         for i, stage in enumerate(self.model.encoder.layers[: last + 1]):
             x = self._run_stage(stage, x, dims)
-            name = f"stage{i + 1}"
-            if name == "stage4":
+            name = names[i]
+            if i == len(names) - 1:
                 x = self.model.layernorm(x)
             if name in levels:
                 out[name] = x.transpose(1, 2).reshape(x.shape[0], x.shape[-1], *dims)
@@ -85,21 +131,18 @@ class Swin(Backbone):
         """Mean of the final-normed last stage (``SwinModel.pooler_output``)."""
         return self.features(images, "stage4")["stage4"].mean(dim=(2, 3))
 
-    def tokens(self, images, layer=-1):
-        """Stage ``layer`` (0-3, negative from the end) as ``[B, h*w, C]`` patches; no CLS token."""
-        names, n = self.spec.feature_names, len(self.spec.feature_names)
-        if not -n <= layer < n:
-            raise IndexError(f"{self.spec.name} has {n} stages; layer must be in [-{n}, {n - 1}], got {layer}")
-        name = names[layer]
-        fmap = self.features(images, name)[name]
-        return Tokens(patches=fmap.flatten(2).transpose(1, 2), grid=tuple(fmap.shape[-2:]))
-
     def stage_modules(self):
         return [self.model.embeddings, *self.model.encoder.layers]
 
     def set_grad_checkpointing(self, enable=True):
         """Recompute each Swin block in backward (per block, so deep stages do not hold all activations)."""
         self.grad_checkpointing = enable
+
+    def no_weight_decay(self):
+        return {n for n, _ in self.named_parameters() if n.endswith("relative_position_bias_table")}
+
+    def read_pretrained(self, directory):
+        return read_hf_pretrained(self.model, directory)
 
 
 def _partition(x: torch.Tensor, ws: int) -> torch.Tensor:
@@ -172,22 +215,20 @@ _VARIANTS = {
 
 def make_spec(name, size, window, res, hub_id, description, *, dims=None) -> BackboneSpec:
     dim, depths, heads = dims or _SIZES[size]
-    return BackboneSpec(
+    return BackboneSpec.from_config(
+        SwinConfig(embed_dim=dim, depths=depths, heads=heads, window=window),
         name=name, family=FAMILY, builder=f"{__name__}:build",
         # crop_pct as timm's pretrained configs (0.9 at 224, 1.0 at 384)
-        input=InputSpec(image_size=res, patch_size=4, min_size=32, crop_pct=0.9 if res < 384 else 1.0),
-        features=[FeatureInfo(f"stage{i + 1}", dim * 2**i, 4 * 2**i) for i in range(4)],
-        embed_dim=dim * 8, hub_id=hub_id, is_test=hub_id is None,
-        config={"embed_dim": dim, "depths": depths, "heads": heads, "window": window},
-        description=description,
+        input=InputSpec(image_size=res, min_size=32, crop_pct=0.9 if res < 384 else 1.0),
+        hub_id=hub_id, is_test=hub_id is None, description=description,
     )
 
 
 @hookimpl
-def register_backbones(register):
+def register_backbones(registry):
     for name, args in _VARIANTS.items():
-        register(make_spec(name, *args))
-    register(make_spec("swin_test", None, 2, 64, None, "tiny Swin for tests", dims=(16, (2, 2, 1, 1), (1, 1, 2, 2))))
+        registry.add(make_spec(name, *args))
+    registry.add(make_spec("swin_test", None, 2, 64, None, "tiny Swin for tests", dims=(16, (2, 2, 1, 1), (1, 1, 2, 2))))
 
 
 # -- checkpoint conversion -------------------------------------------------------------------------
@@ -212,9 +253,7 @@ def convert_timm(state, downsample_first: bool):
     rules = [(r"^layers\.(\d+)\.downsample\.",
               lambda m: f"model.encoder.layers.{int(m.group(1)) - shift}.downsample."), *_BLOCK_RULES]
     state = rename(state, rules, drop=_TIMM_DROP)
-    for kind in ("weight", "bias"):
-        state = split_qkv(state, f".qkv.{kind}", lambda p: tuple(f"{p}.{c}_proj.{kind}" for c in "qkv"))
-    return state
+    return split_qkv(state, "qkv")
 
 
 # transformers 4.x names (checkpoints on the hub still use them)
@@ -236,8 +275,6 @@ def convert_transformers(state):
 
 @hookimpl
 def convert_checkpoint(spec, state_dict, source_format):
-    if spec.family != FAMILY:
-        return None
     if source_format in (None, "timm", "original") and has_keys(state_dict, "patch_embed.proj.", "layers.0.blocks."):
         original = has_keys(state_dict, "layers.0.downsample.")
         return convert_timm(state_dict, downsample_first=not original), "original" if original else "timm"

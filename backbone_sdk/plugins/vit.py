@@ -9,12 +9,56 @@ Features ``block{i}`` (every block, stride = patch size); ``embed`` is the final
 
 from __future__ import annotations
 
+import attrs
+
 from ..hookspecs import hookimpl
-from ..specs import IMAGENET_MEAN, IMAGENET_STD, BackboneSpec, InputSpec
+from ..specs import IMAGENET_MEAN, IMAGENET_STD, BackboneConfig, BackboneSpec, InputSpec, PrefixTokens, positive
 from ._common import has_keys, hf_model, rename, split_qkv, strip_prefixes
 from ._plainvit import PlainViT, block_features
 
 FAMILY = "vit"
+
+
+def _divides_dim(instance, attribute, value):
+    positive(instance, attribute, value)
+    if instance.dim % value:
+        raise ValueError(f"heads={value} must divide dim={instance.dim}")
+
+
+@attrs.frozen(kw_only=True)
+class ViTConfig(BackboneConfig):
+    """Architecture of a ViT / DeiT / DINO variant.
+
+    :param dim: token width. :param depth: number of blocks. :param heads: attention heads (divide ``dim``).
+    :param mlp_ratio: MLP hidden width / ``dim``. :param patch_size: patch side in pixels (the stride).
+    :param layer_norm_eps: LayerNorm epsilon (1e-6 in the original ViT, DeiT and DINO code).
+    :param distilled: DeiT's distillation token after CLS (``embed`` averages the two).
+    """
+
+    dim: int = attrs.field(validator=positive)
+    depth: int = attrs.field(validator=positive)
+    heads: int = attrs.field(validator=_divides_dim)
+    mlp_ratio: int = attrs.field(default=4, validator=positive)
+    patch_size: int = attrs.field(default=16, validator=positive)
+    layer_norm_eps: float = 1e-6
+    distilled: bool = False
+
+    @property
+    def plain(self):
+        return True
+
+    def feature_info(self, input):
+        return block_features(self.dim, self.depth, self.patch_size)
+
+    def embedding_dim(self):
+        return self.dim
+
+    def prefix_tokens(self):
+        return PrefixTokens(cls=True, distillation=self.distilled)
+
+    def input_spec(self, input):
+        p = self.patch_size
+        return attrs.evolve(input, patch_size=p, size_divisibility=p, min_size=p)
 
 
 class ViT(PlainViT):
@@ -22,17 +66,16 @@ class ViT(PlainViT):
 
     def __init__(self, spec: BackboneSpec):
         super().__init__(spec)
-        cfg = spec.config
-        self.distilled = cfg.get("distilled", False)
-        self.num_prefix_tokens = 2 if self.distilled else 1
+        cfg: ViTConfig = spec.config
+        self.distilled = cfg.distilled
         if self.distilled:
             from transformers import DeiTConfig as Config, DeiTModel as Model
         else:
             from transformers import ViTConfig as Config, ViTModel as Model
         config = Config(
-            hidden_size=cfg["dim"], num_hidden_layers=cfg["depth"], num_attention_heads=cfg["heads"],
-            intermediate_size=cfg["dim"] * cfg.get("mlp_ratio", 4), image_size=spec.input.image_size[0],
-            patch_size=spec.input.patch_size, layer_norm_eps=cfg.get("layer_norm_eps", 1e-6), qkv_bias=True,
+            hidden_size=cfg.dim, num_hidden_layers=cfg.depth, num_attention_heads=cfg.heads,
+            intermediate_size=cfg.dim * cfg.mlp_ratio, image_size=spec.input.image_size[0],
+            patch_size=cfg.patch_size, layer_norm_eps=cfg.layer_norm_eps, qkv_bias=True,
         )
         self.model = hf_model(Model, config, add_pooling_layer=False)
 
@@ -64,50 +107,51 @@ def build(spec: BackboneSpec) -> ViT:
 _SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}
 _HALF = (0.5, 0.5, 0.5)
 
-# name: (size, patch, resolution, mean, std, hub id, layer-norm eps, distilled, description)
+# name: (size, patch, resolution, mean, std, hub id, distilled, description). LayerNorm eps is 1e-6
+# for all of them, as in the original ViT (JAX), DeiT and DINO code and timm (transformers' hub
+# configs of the google/ and facebook/deit checkpoints say 1e-12, which the original code never used).
 _VARIANTS = {
-    "vit_small_patch16_224": ("small", 16, 224, _HALF, _HALF, "timm/vit_small_patch16_224.augreg_in21k_ft_in1k", 1e-6, False, "ViT-S/16"),
-    "vit_small_patch16_384": ("small", 16, 384, _HALF, _HALF, "timm/vit_small_patch16_384.augreg_in21k_ft_in1k", 1e-6, False, "ViT-S/16 @384"),
-    "vit_base_patch16_224": ("base", 16, 224, _HALF, _HALF, "google/vit-base-patch16-224", 1e-12, False, "ViT-B/16"),
-    "vit_base_patch16_384": ("base", 16, 384, _HALF, _HALF, "google/vit-base-patch16-384", 1e-12, False, "ViT-B/16 @384"),
-    "vit_base_patch32_224": ("base", 32, 224, _HALF, _HALF, "google/vit-base-patch32-224-in21k", 1e-12, False, "ViT-B/32 (ImageNet-21k)"),
-    "vit_base_patch32_384": ("base", 32, 384, _HALF, _HALF, "google/vit-base-patch32-384", 1e-12, False, "ViT-B/32 @384"),
-    "vit_large_patch16_224": ("large", 16, 224, _HALF, _HALF, "google/vit-large-patch16-224", 1e-12, False, "ViT-L/16"),
-    "vit_large_patch16_384": ("large", 16, 384, _HALF, _HALF, "google/vit-large-patch16-384", 1e-12, False, "ViT-L/16 @384"),
-    "deit_tiny_patch16_224": ("tiny", 16, 224, IMAGENET_MEAN, IMAGENET_STD, "facebook/deit-tiny-patch16-224", 1e-12, False, "DeiT-Ti/16"),
-    "deit_small_patch16_224": ("small", 16, 224, IMAGENET_MEAN, IMAGENET_STD, "facebook/deit-small-patch16-224", 1e-12, False, "DeiT-S/16"),
-    "deit_base_patch16_224": ("base", 16, 224, IMAGENET_MEAN, IMAGENET_STD, "facebook/deit-base-patch16-224", 1e-12, False, "DeiT-B/16"),
-    "deit_base_patch16_384": ("base", 16, 384, IMAGENET_MEAN, IMAGENET_STD, "facebook/deit-base-patch16-384", 1e-12, False, "DeiT-B/16 @384"),
-    "deit_tiny_distilled_patch16_224": ("tiny", 16, 224, IMAGENET_MEAN, IMAGENET_STD, "facebook/deit-tiny-distilled-patch16-224", 1e-12, True, "DeiT-Ti/16 distilled"),
-    "deit_small_distilled_patch16_224": ("small", 16, 224, IMAGENET_MEAN, IMAGENET_STD, "facebook/deit-small-distilled-patch16-224", 1e-12, True, "DeiT-S/16 distilled"),
-    "deit_base_distilled_patch16_224": ("base", 16, 224, IMAGENET_MEAN, IMAGENET_STD, "facebook/deit-base-distilled-patch16-224", 1e-12, True, "DeiT-B/16 distilled"),
-    "deit_base_distilled_patch16_384": ("base", 16, 384, IMAGENET_MEAN, IMAGENET_STD, "facebook/deit-base-distilled-patch16-384", 1e-12, True, "DeiT-B/16 distilled @384"),
-    "dino_vits16": ("small", 16, 224, IMAGENET_MEAN, IMAGENET_STD, "facebook/dino-vits16", 1e-6, False, "DINO ViT-S/16"),
-    "dino_vits8": ("small", 8, 224, IMAGENET_MEAN, IMAGENET_STD, "facebook/dino-vits8", 1e-6, False, "DINO ViT-S/8"),
-    "dino_vitb16": ("base", 16, 224, IMAGENET_MEAN, IMAGENET_STD, "facebook/dino-vitb16", 1e-6, False, "DINO ViT-B/16"),
-    "dino_vitb8": ("base", 8, 224, IMAGENET_MEAN, IMAGENET_STD, "facebook/dino-vitb8", 1e-6, False, "DINO ViT-B/8"),
+    "vit_small_patch16_224": ("small", 16, 224, _HALF, _HALF, "timm/vit_small_patch16_224.augreg_in21k_ft_in1k", False, "ViT-S/16"),
+    "vit_small_patch16_384": ("small", 16, 384, _HALF, _HALF, "timm/vit_small_patch16_384.augreg_in21k_ft_in1k", False, "ViT-S/16 @384"),
+    "vit_base_patch16_224": ("base", 16, 224, _HALF, _HALF, "google/vit-base-patch16-224", False, "ViT-B/16"),
+    "vit_base_patch16_384": ("base", 16, 384, _HALF, _HALF, "google/vit-base-patch16-384", False, "ViT-B/16 @384"),
+    "vit_base_patch32_224": ("base", 32, 224, _HALF, _HALF, "google/vit-base-patch32-224-in21k", False, "ViT-B/32 (ImageNet-21k)"),
+    "vit_base_patch32_384": ("base", 32, 384, _HALF, _HALF, "google/vit-base-patch32-384", False, "ViT-B/32 @384"),
+    "vit_large_patch16_224": ("large", 16, 224, _HALF, _HALF, "google/vit-large-patch16-224", False, "ViT-L/16"),
+    "vit_large_patch16_384": ("large", 16, 384, _HALF, _HALF, "google/vit-large-patch16-384", False, "ViT-L/16 @384"),
+    "deit_tiny_patch16_224": ("tiny", 16, 224, IMAGENET_MEAN, IMAGENET_STD, "facebook/deit-tiny-patch16-224", False, "DeiT-Ti/16"),
+    "deit_small_patch16_224": ("small", 16, 224, IMAGENET_MEAN, IMAGENET_STD, "facebook/deit-small-patch16-224", False, "DeiT-S/16"),
+    "deit_base_patch16_224": ("base", 16, 224, IMAGENET_MEAN, IMAGENET_STD, "facebook/deit-base-patch16-224", False, "DeiT-B/16"),
+    "deit_base_patch16_384": ("base", 16, 384, IMAGENET_MEAN, IMAGENET_STD, "facebook/deit-base-patch16-384", False, "DeiT-B/16 @384"),
+    "deit_tiny_distilled_patch16_224": ("tiny", 16, 224, IMAGENET_MEAN, IMAGENET_STD, "facebook/deit-tiny-distilled-patch16-224", True, "DeiT-Ti/16 distilled"),
+    "deit_small_distilled_patch16_224": ("small", 16, 224, IMAGENET_MEAN, IMAGENET_STD, "facebook/deit-small-distilled-patch16-224", True, "DeiT-S/16 distilled"),
+    "deit_base_distilled_patch16_224": ("base", 16, 224, IMAGENET_MEAN, IMAGENET_STD, "facebook/deit-base-distilled-patch16-224", True, "DeiT-B/16 distilled"),
+    "deit_base_distilled_patch16_384": ("base", 16, 384, IMAGENET_MEAN, IMAGENET_STD, "facebook/deit-base-distilled-patch16-384", True, "DeiT-B/16 distilled @384"),
+    "dino_vits16": ("small", 16, 224, IMAGENET_MEAN, IMAGENET_STD, "facebook/dino-vits16", False, "DINO ViT-S/16"),
+    "dino_vits8": ("small", 8, 224, IMAGENET_MEAN, IMAGENET_STD, "facebook/dino-vits8", False, "DINO ViT-S/8"),
+    "dino_vitb16": ("base", 16, 224, IMAGENET_MEAN, IMAGENET_STD, "facebook/dino-vitb16", False, "DINO ViT-B/16"),
+    "dino_vitb8": ("base", 8, 224, IMAGENET_MEAN, IMAGENET_STD, "facebook/dino-vitb8", False, "DINO ViT-B/8"),
 }
 
 
-def make_spec(name, size, patch, res, mean, std, hub_id, eps, distilled, description, *, test=False, dims=None, pyramid=256):
+def make_spec(name, size, patch, res, mean, std, hub_id, distilled, description, *, test=False, dims=None,
+              neck=256) -> BackboneSpec:
     dim, depth, heads = dims or _SIZES[size]
-    return BackboneSpec(
-        name=name, family=FAMILY, builder=f"{__name__}:build",
-        input=InputSpec(mean=mean, std=std, image_size=res, patch_size=patch, size_divisibility=patch, min_size=patch),
-        features=block_features(dim, depth, patch), embed_dim=dim, hub_id=hub_id, plain=True, is_test=test,
-        config={"dim": dim, "depth": depth, "heads": heads, "layer_norm_eps": eps, "distilled": distilled,
-                "pyramid_channels": pyramid},
-        description=description,
+    config = ViTConfig(dim=dim, depth=depth, heads=heads, patch_size=patch, distilled=distilled, neck_channels=neck)
+    return BackboneSpec.from_config(
+        config, name=name, family=FAMILY, builder=f"{__name__}:build",
+        input=InputSpec(mean=mean, std=std, image_size=res), hub_id=hub_id, is_test=test, description=description,
     )
 
 
 @hookimpl
-def register_backbones(register):
+def register_backbones(registry):
     for name, args in _VARIANTS.items():
-        register(make_spec(name, *args))
-    tiny = (None, 8, 32, IMAGENET_MEAN, IMAGENET_STD, None, 1e-6)
-    register(make_spec("vit_test", *tiny, False, "tiny ViT for tests", test=True, dims=(32, 3, 2), pyramid=16))
-    register(make_spec("deit_distilled_test", *tiny, True, "tiny distilled DeiT for tests", test=True, dims=(32, 2, 2), pyramid=16))
+        registry.add(make_spec(name, *args))
+    tiny = (None, 8, 32, IMAGENET_MEAN, IMAGENET_STD, None)
+    registry.add(make_spec("vit_test", *tiny, False, "tiny ViT for tests", test=True, dims=(32, 3, 2), neck=16))
+    registry.add(make_spec("deit_distilled_test", *tiny, True, "tiny distilled DeiT for tests", test=True,
+                           dims=(32, 2, 2), neck=16))
 
 
 # -- checkpoint conversion -------------------------------------------------------------------------
@@ -127,9 +171,7 @@ _TIMM_RULES = [
 
 def convert_timm(state):
     state = rename(state, _TIMM_RULES, drop=[r"^head", r"^fc_norm\.", r"^pre_logits"])
-    for kind in ("weight", "bias"):
-        state = split_qkv(state, f".qkv.{kind}", lambda p: tuple(f"{p}.{c}_proj.{kind}" for c in "qkv"))
-    return state
+    return split_qkv(state, "qkv")
 
 
 def convert_transformers(state):
@@ -140,8 +182,6 @@ def convert_transformers(state):
 
 @hookimpl
 def convert_checkpoint(spec, state_dict, source_format):
-    if spec.family != FAMILY:
-        return None
     if source_format in (None, "timm") and has_keys(state_dict, "patch_embed.proj.", "blocks.0."):
         return convert_timm(state_dict), "timm"
     if source_format in (None, "transformers") and (
