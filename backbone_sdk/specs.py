@@ -219,6 +219,10 @@ class BackboneConfig:
         input = self.input_spec(input)
         features = tuple(self.feature_info(input))
         parts = self.included_parts(features)
+        default_width = attrs.fields(BackboneConfig).neck_channels.default
+        if NECK not in self.optional_parts(features) and self.neck_channels != default_width:
+            raise InvalidOptionError(f"neck_channels={self.neck_channels} does not apply: the levels already have "
+                                     "strides 4-32, so pyramid() returns them (with their own widths)")
         return {"input": input, "features": features, "embed_dim": self.embedding_dim(),
                 "prefix_tokens": self.prefix_tokens(), "plain": self.plain, "parts": parts,
                 "pyramid": derive_pyramid(features, parts, self.neck_channels)}
@@ -332,7 +336,10 @@ class BackboneSpec:
         names = self.option_names
         for key in overrides:
             if key not in names:
-                raise InvalidOptionError(f"{self.name}: unknown option {key!r}.{_suggest(key, names)} "
+                hint = _suggest(key, names) or _suggest(key, _LEGACY_PART_FLAGS)
+                if hint and not _suggest(key, names):
+                    hint += " (deprecated: optional parts are chosen with parts=..., e.g. parts=())"
+                raise InvalidOptionError(f"{self.name}: unknown option {key!r}.{hint} "
                                          f"Options of {type(self.config).__name__}: {', '.join(names)}.")
         try:
             config = attrs.evolve(self.config, **overrides)

@@ -1,3 +1,5 @@
+pytest_plugins = ["backbone_sdk.testing"]
+
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

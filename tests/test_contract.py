@@ -1,4 +1,5 @@
-"""The interface contract, checked on every registered backbone (driven by what each spec declares)."""
+"""The interface contract, checked per registered backbone with the public kit (backbone_sdk.testing),
+each test in a registry of its own."""
 
 import math
 
@@ -6,21 +7,24 @@ import pytest
 import torch
 
 import backbone_sdk as bs
-from backbone_sdk.adapters.finetune import apply_finetune
+import backbone_sdk.testing as bst
+from backbone_sdk.adapters.finetune import apply_finetune, unit_of
+from backbone_sdk.specs import FeatureInfo
 from conftest import full_names, tiny_names
 
 TINY = tiny_names()
+CHECKS = ["check_features", "check_early_stop", "check_pyramid", "check_embed", "check_tokens", "check_dtypes",
+          "check_bad_inputs", "check_grad_flow"]
+OVERRIDES = [(name, o) for name in TINY for o in bst.override_candidates(name)]
+
+
+@pytest.fixture(autouse=True)
+def _isolated(backbone_registry):
+    """Every contract test runs in a registry of its own (discovered anew from the entry points)."""
 
 
 def _size(spec, scale=2):
-    """A small input the backbone can take: a multiple of the patch size and of the largest stride (32)."""
-    unit = math.lcm(spec.input.size_divisibility, 32)
-    return max(unit, spec.input.min_size) * scale
-
-
-@pytest.fixture(scope="module", params=TINY)
-def model(request):
-    return bs.create_backbone(request.param).eval()
+    return bst.input_size(spec, scale)
 
 
 def test_every_family_has_a_tiny_variant():
@@ -28,90 +32,126 @@ def test_every_family_has_a_tiny_variant():
     assert families == {bs.get_spec(n).family for n in TINY}
 
 
-def test_features_match_feature_info(model):
-    spec = model.spec
-    h, w = _size(spec, 2), _size(spec, 3)
-    feats = model(torch.randn(2, 3, h, w))
-    assert list(feats) == list(spec.feature_names)
-    for info in model.feature_info:
-        fmap = feats[info.name]
-        assert fmap.shape[:2] == (2, info.channels), info
-        assert fmap.shape[-2:] == (-(-h // info.stride), -(-w // info.stride)), info
+@pytest.mark.parametrize("check", CHECKS)
+@pytest.mark.parametrize("name", TINY)
+def test_contract(name, check):
+    getattr(bst, check)(bs.create_backbone(name).eval())
 
 
-def test_pyramid_strides_4_to_32(model):
-    h, w = _size(model.spec, 2), _size(model.spec, 3)
-    pyr = model.pyramid(torch.randn(1, 3, h, w))
-    assert list(pyr) == ["p2", "p3", "p4", "p5"]
-    for info in model.pyramid_info:
-        assert pyr[info.name].shape == (1, info.channels, h // info.stride, w // info.stride), info
+@pytest.mark.parametrize("name", TINY)
+def test_save_load_round_trip(name, tmp_path):
+    bst.check_save_load(bs.create_backbone(name).eval(), tmp_path)
 
 
-def test_maps_at_sizes_not_multiple_of_32(model):
-    """Every map is ``ceil(size / stride)`` (the strided-convolution convention), also where the
-    size is no multiple of 16 or 32 and a plain ViT's simple pyramid has to resample."""
-    div = model.spec.input.size_divisibility
-    sizes = [n for n in range(max(model.spec.input.min_size, 40), 200) if n % div == 0 and n % 16]
-    h, w = sizes[0], sizes[3]
-    x = torch.randn(1, 3, h, w)
-    for info, fmap in zip(model.pyramid_info, model.pyramid(x).values()):
-        assert fmap.shape[-2:] == (-(-h // info.stride), -(-w // info.stride)), (info, h, w)
-    for info, fmap in zip(model.feature_info, model.features(x).values()):
-        assert fmap.shape[-2:] == (-(-h // info.stride), -(-w // info.stride)), (info, h, w)
+@pytest.mark.parametrize("name", bs.list_backbones())
+def test_spec_is_consistent(name):
+    spec = bs.get_spec(name)
+    bst.check_spec(spec)
+    assert spec.plugin is not None and spec.name == name
 
 
-def test_embed_and_tokens(model):
-    x = torch.randn(2, 3, _size(model.spec), _size(model.spec))
-    emb = model.embed(x)
-    assert emb.shape == (2, model.spec.embed_dim)
+@pytest.mark.parametrize(("name", "overrides"), OVERRIDES, ids=[f"{n}-{o}" for n, o in OVERRIDES])
+def test_every_accepted_override_matches_its_spec(name, overrides):
+    bst.check_overrides(name, **overrides)
+
+
+def test_overrides_recompute_the_spec():
+    model = bs.create_backbone("resnet_test", widths=(8, 8, 8, 8))
+    assert [f.channels for f in model.feature_info] == [8, 8, 8, 8] and model.embed_dim == 8
+    assert [f.channels for f in model.pyramid_info] == [8, 8, 8, 8]
+    vit = bs.create_backbone("vit_test", patch_size=16, neck_channels=8)
+    assert vit.spec.input.size_divisibility == 16 and vit.feature_info[0].stride == 16
+    assert vit.pyramid_info[0].channels == 8
+
+
+def test_unknown_override_suggests_close_names():
+    with pytest.raises(bs.InvalidOptionError, match="unknown option 'with_pyramd'.*Did you mean") as info:
+        bs.create_backbone("vit_test", with_pyramd=False)
+    assert isinstance(info.value, ValueError)
+    with pytest.raises(bs.InvalidOptionError, match="Did you mean 'depths'"):
+        bs.create_backbone("resnet_test", depth=(1, 1, 1, 1))
+
+
+@pytest.mark.parametrize(("name", "overrides", "words"), [
+    ("vit_test", {"dim": 0}, "dim must be an integer >= 1"),
+    ("swin_test", {"window": 0}, "window must be an integer >= 1"),
+    ("vit_test", {"heads": 3}, "must divide dim"),
+    ("resnet_test", {"widths": (8, 8)}, "4 entries"),
+    ("resnet_test", {"block": "wide"}, "block"),
+    ("resnet_test", {"neck_channels": 64}, "does not apply"),
+    ("clip_test", {"parts": ("texts",)}, "no optional part"),
+])
+def test_invalid_override_values_are_rejected(name, overrides, words):
+    with pytest.raises(bs.InvalidOptionError, match=words):
+        bs.create_backbone(name, **overrides)
+
+
+def test_legacy_part_flags_still_work_with_a_warning():
+    with pytest.warns(DeprecationWarning, match="parts="):
+        vit = bs.create_backbone("vit_test", with_pyramid=False)
+    assert vit.neck is None and vit.spec.pyramid is None
+    with pytest.raises(bs.UnsupportedOperationError, match="without its pyramid neck"):
+        vit.pyramid(torch.randn(1, 3, 32, 32))
+    with pytest.warns(DeprecationWarning):
+        clip = bs.create_backbone("clip_test", with_text=False)
+    assert clip.spec.parts == {"neck"} and not clip.spec.has("text")
+
+
+@pytest.mark.parametrize(("features", "words"), [
+    ([FeatureInfo("a", 4, 8), FeatureInfo("b", 4, 4)], "must not decrease"),
+    ([FeatureInfo("a", 4, 4), FeatureInfo("a", 4, 8)], "duplicate"),
+    ([], "at least one"),
+])
+def test_spec_validators(features, words):
+    with pytest.raises(ValueError, match=words):
+        bs.BackboneSpec(name="x", family="x", builder=bs.Backbone, features=features, embed_dim=4)
+
+
+def test_spec_validators_reject_bad_metadata():
+    with pytest.raises(ValueError, match="channels"):
+        FeatureInfo("a", 0, 4)
+    with pytest.raises(ValueError, match="name"):
+        FeatureInfo("", 4, 4)
+    with pytest.raises(ValueError, match="embed_dim"):
+        bs.BackboneSpec(name="x", family="x", builder=bs.Backbone, features=[FeatureInfo("a", 4, 4)], embed_dim=0)
+    with pytest.raises(ValueError, match="pyramid levels must be exactly"):
+        bs.PyramidSpec([FeatureInfo(f"p{i}", 4, 2**i) for i in range(1, 5)], ["a"])
+
+
+def test_stride_2_levels_do_not_become_p2():
+    """A family at strides 2, 4, 8, 16 has no native pyramid (and no neck): pyramid() says so."""
+    spec = bs.BackboneSpec(name="x", family="x", builder=bs.Backbone, embed_dim=4,
+                           features=[FeatureInfo(f"s{i}", 4, 2**i) for i in range(1, 5)])
+    assert spec.pyramid is None
+
+
+def test_default_pyramid_tokens_and_embed_of_a_features_only_family(register_plugin):
+    """A family implementing only ``_features`` gets pyramid/tokens/embed from the base class."""
+    class OneLevel(bs.Backbone):
+        def __init__(self, spec):
+            super().__init__(spec)
+            self.conv = torch.nn.Conv2d(3, 8, 4, stride=4)
+
+        def _features(self, images, levels):
+            return {"stage1": self.conv(images)}
+
+        def stage_modules(self):
+            return [self.conv]
+
+    class Plugin:
+        @bs.hookimpl
+        def register_backbones(self, registry):
+            registry.add(bs.BackboneSpec(name="one_level", family="one", builder=OneLevel,
+                                         features=[FeatureInfo("stage1", 8, 4)], embed_dim=8))
+
+    register_plugin(Plugin(), "one")
+    model = bs.create_backbone("one_level")
+    x = torch.randn(2, 3, 32, 48)
+    assert model.embed(x).shape == (2, 8)
     tok = model.tokens(x)
-    assert tok.patches.shape[0] == 2 and tok.patches.shape[1] == tok.grid[0] * tok.grid[1]
-    if model.spec.plain:
-        assert tok.cls.shape == (2, model.spec.features[-1].channels)
-
-
-def test_early_stop_equals_full_pass(model):
-    x = torch.randn(1, 3, _size(model.spec), _size(model.spec))
-    full = model.features(x)
-    names = model.spec.feature_names
-    for name in (names[0], names[len(names) // 2]):
-        part = model.features(x, [name])
-        assert list(part) == [name]
-        torch.testing.assert_close(part[name], full[name], rtol=0, atol=0)
-
-
-def test_early_stop_runs_fewer_modules(model):
-    calls = []
-    groups = model.stage_modules()
-    hooks = [m.register_forward_hook(lambda *_, i=i: calls.append(i))
-             for i, g in enumerate(groups) for m in g.modules()]
-    try:
-        model.features(torch.randn(1, 3, _size(model.spec), _size(model.spec)), model.spec.feature_names[0])
-    finally:
-        for h in hooks:
-            h.remove()
-    assert 0 in calls and max(calls) < len(groups) - 1
-
-
-def test_gradients_flow_and_checkpointing_matches():
-    for name in TINY:
-        model = bs.create_backbone(name).train()
-        x = torch.randn(2, 3, _size(model.spec), _size(model.spec))
-        torch.manual_seed(0)
-        loss = sum(v.float().pow(2).mean() for v in model.pyramid(x).values()) + model.embed(x).pow(2).mean()
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        assert grads and all(torch.isfinite(g).all() for g in grads.values()), name
-        first = model.stage_modules()[0]
-        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in first.parameters()), name
-        model.zero_grad(set_to_none=True)
-        model.set_grad_checkpointing(True)
-        torch.manual_seed(0)
-        loss2 = sum(v.float().pow(2).mean() for v in model.pyramid(x).values()) + model.embed(x).pow(2).mean()
-        loss2.backward()
-        for n, p in model.named_parameters():
-            if n in grads:
-                torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-5, msg=f"{name}: {n}")
+    assert tok.grid == (8, 12) and tok.patches.shape == (2, 96, 8) and tok.cls is None
+    with pytest.raises(bs.UnsupportedOperationError, match="strides \\[4\\], not 4, 8, 16 and 32"):
+        model.pyramid(x)
 
 
 def _count_calls(module: torch.nn.Module) -> tuple[list[int], list]:
@@ -126,8 +166,8 @@ def _count_calls(module: torch.nn.Module) -> tuple[list[int], list]:
 def test_grad_checkpointing_recomputes_exactly_the_trainable_groups(name, checkpointing):
     """With the stem frozen, backward re-runs the first trainable group (whose input needs no grad)
     only under checkpointing, and never re-runs the frozen stem."""
-    model = bs.create_backbone(name, with_pyramid=False) if bs.get_spec(name).plain else bs.create_backbone(name)
-    apply_finetune(model, ("blocks" if model.spec.plain else "stages") + ":0").train()
+    model = bs.create_backbone(name, parts=())
+    apply_finetune(model, unit_of(model.spec) + ":0").train()
     model.set_grad_checkpointing(checkpointing)
     stem, first = model.stage_modules()[:2]
     (stem_calls, h1), (first_calls, h2) = _count_calls(stem), _count_calls(first)
@@ -145,42 +185,6 @@ def test_grad_checkpointing_recomputes_exactly_the_trainable_groups(name, checkp
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in first.parameters())
 
 
-def test_non_square_input(model):
-    h, w = _size(model.spec, 1), _size(model.spec, 3)
-    feats = model.features(torch.randn(1, 3, h, w))
-    last = model.feature_info[-1]
-    assert feats[last.name].shape[-2:] == (-(-h // last.stride), -(-w // last.stride))
-
-
-def test_bad_inputs_raise_sdk_errors(model):
-    s = _size(model.spec)
-    with pytest.raises(bs.InputShapeError, match="channels"):
-        model.features(torch.randn(1, 4, s, s))
-    with pytest.raises(bs.InputShapeError, match="permute"):
-        model.features(torch.randn(1, s, s, 3))
-    with pytest.raises(bs.InputShapeError, match="unsqueeze"):
-        model.features(torch.randn(3, s, s))
-    with pytest.raises(bs.InputDtypeError, match="preprocess"):
-        model.features(torch.zeros(1, 3, s, s, dtype=torch.uint8))
-    with pytest.raises(bs.InputDtypeError, match="weights"):
-        model.features(torch.randn(1, 3, s, s, dtype=torch.float64))
-    with pytest.raises(bs.InputShapeError, match="at least"):
-        model.features(torch.randn(1, 3, model.spec.input.min_size - 1, s))
-    with pytest.raises(bs.InputShapeError, match="no feature level"):
-        model.features(torch.randn(1, 3, s, s), ["nope"])
-    div = model.spec.input.size_divisibility
-    if div > 1:
-        with pytest.raises(bs.InputShapeError, match=f"divisible by {div}"):
-            model.features(torch.randn(1, 3, s + 1, s))
-
-
-def test_bf16_autocast(model):
-    x = torch.randn(1, 3, _size(model.spec), _size(model.spec))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        emb = model.embed(x)
-    assert torch.isfinite(emb.float()).all()
-
-
 @pytest.mark.parametrize("name", full_names())
 def test_full_size_variants_on_meta(name):
     """Every published variant builds and runs shape inference without allocating weights."""
@@ -193,16 +197,6 @@ def test_full_size_variants_on_meta(name):
     for info in spec.features:
         assert feats[info.name].shape == (1, info.channels, -(-h // info.stride), -(-w // info.stride))
     assert emb.shape == (1, spec.embed_dim)
-
-
-def test_spec_metadata_is_consistent():
-    for name in bs.list_backbones():
-        spec = bs.get_spec(name)
-        strides = [f.stride for f in spec.features]
-        assert strides == sorted(strides), name
-        assert spec.plugin is not None and spec.name == name
-        if spec.plain:
-            assert spec.input.patch_size and spec.input.size_divisibility == spec.input.patch_size
 
 
 @pytest.mark.parametrize("name", TINY)
