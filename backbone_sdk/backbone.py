@@ -139,7 +139,7 @@ class Backbone(nn.Module):
                                   f"(an index into feature_info), got {layer!r} ({type(layer).__name__})")
         index = layer + depth if layer < 0 else layer
         if not 0 <= index < depth:
-            kind = "blocks" if self.spec.plain else "levels"
+            kind = "blocks" if self.spec.plain else "stages"
             raise LayerIndexError(f"{self.spec.name} has {depth} {kind} ({self.spec.features[0].name}.."
                                   f"{self.spec.features[-1].name}); layer must be in [-{depth}, {depth - 1}], got {layer}")
         return index

@@ -182,7 +182,8 @@ def _torch_load_problem(path: Path, size: int, exc: Exception) -> str:
         magic = fh.read(4)
     text = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     if "weights_only" in str(exc).lower() or "unsupported global" in str(exc).lower():
-        return (f"holds pickled objects other than tensors ({text}). Load it in trusted code and re-save only its "
+        return (f"cannot be read with torch.load(weights_only=True): it holds pickled objects other than tensors "
+                f"({text}). Load it in trusted code and re-save only its "
                 "state dict (torch.save(ckpt['state_dict'], 'weights.pt')) or convert it to safetensors.")
     if magic.startswith(b"PK"):
         return (f"is a damaged or truncated torch zip checkpoint ({size} bytes; {text}); fetch it again.")

@@ -103,7 +103,7 @@ def test_transformers_directory_and_vision_only_layouts(hf_reference, tmp_path):
     hf_reference.save_pretrained(tmp_path)
     model = bs.create_backbone("clip_test", weights=str(tmp_path)).eval()
     assert model.load_report.exact
-    vision = _ours(with_text=False)
+    vision = _ours(parts=("neck",))
     ref_vision = CLIPVisionModelWithProjection(hf_reference.config.vision_config)
     ref_vision.load_state_dict({k: v for k, v in hf_reference.state_dict().items()
                                 if k.startswith(("vision_model.", "visual_projection."))})
@@ -174,15 +174,15 @@ def test_projection_is_transposed_and_qkv_split(open_clip_model):
 
 
 def test_image_tower_only(open_clip, open_clip_model):
-    model = _ours(with_text=False)
-    assert model.model.text_model is None and model.logit_scale is None and "text" not in model.spec.capabilities
+    model = _ours(parts=("neck",))
+    assert model.model.text_model is None and model.logit_scale is None and not model.spec.has("text")
     assert not any(k.startswith("model.text_") for k in model.state_dict())
     report = bs.load_weights(model, open_clip_model.state_dict())
     assert report.exact
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model.embed(x), open_clip_model.encode_image(x), rtol=0, atol=1e-4)
-    with pytest.raises(RuntimeError, match="with_text=False"):
+    with pytest.raises(bs.UnsupportedOperationError, match="without its text tower"):
         model.embed_text(["a cat"])
     with pytest.raises(TypeError, match="no text tower"):
         ZeroShotClassifier(model, ["cat"])
@@ -199,7 +199,7 @@ def test_matches_timm_clip_image_tower():
     with torch.no_grad():
         ref.head.bias.zero_()
     assert timm.__version__
-    model = _ours(with_text=False)
+    model = _ours(parts=("neck",))
     report = bs.load_weights(model, ref.state_dict())
     assert report.format == "timm" and report.exact
     x = torch.randn(2, 3, 32, 32)  # native size: timm resamples position embeddings with antialiasing

@@ -28,7 +28,16 @@ def _scramble(module):
     return module
 
 
+#: transformers' and timm's resampling: to the exact grid (the original release stretches it by 0.1 patch)
+EXACT = {"pos_embed_offset": 0.0}
+
+
 def _ours(name="dinov2_test", weights=None, **overrides):
+    return bs.create_backbone(name, weights=weights, **{**EXACT, **overrides}).eval()
+
+
+def _release(name="dinov2_test", weights=None, **overrides):
+    """The backbone as registered: resampling as the original release."""
     return bs.create_backbone(name, weights=weights, **overrides).eval()
 
 
@@ -96,8 +105,8 @@ def test_pos_embed_resampling_matches_transformers(name):
         tokens = torch.zeros(1, 1 + (h // 14) * (w // 14), DIM)
         with torch.no_grad():
             expected = emb.interpolate_pos_encoding(tokens, h, w)
-            ours = model.pos_embed(h, w, antialias=model.native_antialias)
-            other = model.pos_embed(h, w, antialias=not model.native_antialias)
+            ours = model.pos_embed(h, w, antialias=model.native_antialias, offset=0.0)
+            other = model.pos_embed(h, w, antialias=not model.native_antialias, offset=0.0)
         torch.testing.assert_close(ours, expected, rtol=0, atol=0)
         if (h, w) == (NATIVE, NATIVE):
             assert other is emb.position_embeddings
@@ -338,7 +347,7 @@ def test_full_size_architecture_matches_published_config(name):
 def test_non_default_resampling_compiles_without_graph_breaks(name):
     torch._dynamo.reset()
     model = _ours(name, pos_embed_antialias=name == "dinov2_test")
-    assert model.pos_embed_antialias != model.native_antialias
+    assert not model.native_resampling
     x = torch.randn(1, 3, 84, 70)
     compiled = torch.compile(model.embed, fullgraph=True, backend="eager")
     with torch.no_grad():

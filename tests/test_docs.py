@@ -1,14 +1,18 @@
 """Every hook is documented and exercised by a test."""
 
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 import backbone_sdk as bs
-from backbone_sdk.hookspecs import BackboneSpecs, hookimpl
+from backbone_sdk.hookspecs import BackboneHookSpec, hookimpl
 
 ROOT = Path(__file__).resolve().parents[1]
-HOOKS = [name for name in vars(BackboneSpecs) if not name.startswith("_")]
+HOOKS = [name for name in vars(BackboneHookSpec) if not name.startswith("_")]
+PLUGIN_EXAMPLE = ROOT / "examples" / "plugin"
 
 
 def test_hooks_found():
@@ -53,8 +57,24 @@ def test_hook_is_called_by_the_sdk(hook):
 
 @pytest.mark.parametrize("hook", HOOKS)
 def test_hook_is_exercised_by_a_test(hook):
+    """Some test other than this file implements the hook (decorated, so pluggy calls it)."""
+    impl = re.compile(rf"@(\w+\.)?hookimpl\s*\n\s*def {hook}\(")
     tests = [p for p in (ROOT / "tests").glob("test_*.py") if p.name != "test_docs.py"]
-    assert any(f"def {hook}(" in p.read_text() for p in tests), hook
+    assert any(impl.search(p.read_text()) for p in tests), hook
+
+
+@pytest.mark.parametrize("path", ["pyproject.toml", "tinytok.py", "tests/conftest.py", "tests/test_tinytok.py"])
+def test_plugin_docs_show_the_example_files_verbatim(path):
+    doc = (ROOT / "docs" / "plugins.md").read_text()
+    assert (PLUGIN_EXAMPLE / path).read_text().rstrip() + "\n```" in doc, f"docs/plugins.md is out of date for {path}"
+
+
+def test_plugin_example_tests_pass():
+    """The documented third-party plugin's own test file, run the way its author would."""
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"],
+                         cwd=PLUGIN_EXAMPLE, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout
 
 
 def test_ci_runs_the_readme_test_command():

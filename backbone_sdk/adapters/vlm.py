@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..backbone import Backbone
-from ..errors import InputShapeError, InvalidOptionError
+from ..errors import InputShapeError, InvalidOptionError, LayerIndexError
 from ..factory import create_backbone
 from ..preprocess import preprocess
 from .finetune import FinetunePolicy, add_lora, apply_finetune
@@ -129,7 +129,11 @@ class VisionTower(nn.Module):
         self.image_aspect = image_aspect
         size = spec.input.image_size if image_size is None else image_size
         self.image_size = (size, size) if isinstance(size, int) else tuple(size)
-        self.level = spec.features[backbone.layer_index(select_layer)]
+        depth = len(spec.features)
+        if isinstance(select_layer, bool) or not isinstance(select_layer, int) or not -depth <= select_layer < depth:
+            raise LayerIndexError(f"{spec.name} has {depth} {'blocks' if spec.plain else 'stages'}; select_layer must "
+                                  f"be in [-{depth}, {depth - 1}] (an index into feature_info), got {select_layer!r}")
+        self.level = spec.features[select_layer]
         self.has_cls = spec.prefix_tokens.cls
         self.num_registers = spec.prefix_tokens.extra
         if select_feature == "cls_patch" and not self.has_cls:

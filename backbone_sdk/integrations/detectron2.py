@@ -33,7 +33,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from ..errors import BackboneSDKError, CheckpointError, require
 
@@ -124,9 +124,10 @@ def _as_names(value, label: str) -> list[str] | None:
         return None
     if isinstance(value, str):
         return [value] if value.strip() else None
-    if not isinstance(value, (list, tuple)) or any(not isinstance(v, str) for v in value):
+    names = list(value) if isinstance(value, Iterable) and not isinstance(value, Mapping) else None
+    if names is None or any(not isinstance(v, str) for v in names):
         raise ConfigError(f"{label}: expected a list of level names such as ['res2', 'res3'], got {value!r}")
-    return list(value) or None
+    return names or None
 
 
 def _resolve_out_features(spec: BackboneSpec, out_features, use_pyramid: bool, label: str) -> list[str]:

@@ -118,7 +118,8 @@ class DINOv2(PlainViT):
         )
         self.model = hf_model(Model, config)
         # what the wrapped transformers model does itself: exact grid, antialias only with registers
-        self.native_resampling = cfg.pos_embed_offset == 0 and cfg.pos_embed_antialias == bool(self.num_registers)
+        self.native_antialias = bool(self.num_registers)
+        self.native_resampling = cfg.pos_embed_offset == 0 and cfg.pos_embed_antialias == self.native_antialias
         self.pos_embed_antialias = cfg.pos_embed_antialias
         self.pos_embed_offset = cfg.pos_embed_offset
 

@@ -23,7 +23,7 @@ model.backbone.bottom_up = L(SDKBackbone)(
     name=BACKBONE,
     weights=None,                 # "hub" or a checkpoint file for pretrained weights
     out_features=["res2", "res3", "res4", "res5"],   # = backbone.pyramid() p2..p5, FPN in_features
-    finetune="stages:1",          # "blocks:N" for plain ViTs (ViT, DINOv2, CLIP)
+    freeze_at=2,                  # detectron2's FREEZE_AT: stem + first stage (block for plain ViTs) frozen
     frozen_bn=True,               # BatchNorm as detectron2's FrozenBN (no effect on Swin's LayerNorms)
     use_pyramid=True,
 )

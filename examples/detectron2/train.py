@@ -143,15 +143,12 @@ def lazy_cfg(backbone: str | None = None, dataset: str = "sdk_synthetic_train", 
     from detectron2.config import LazyConfig
     from detectron2.data import transforms as T
 
-    import backbone_sdk as bs
     from backbone_sdk.integrations.detectron2 import configure_pixels
 
     cfg = LazyConfig.load(str(LAZY))
     if backbone:
         bottom_up = cfg.model.backbone.bottom_up
         bottom_up.name = backbone
-        if bs.get_spec(backbone).plain:  # plain ViTs freeze blocks, not stages
-            bottom_up.finetune = bottom_up.finetune.replace("stages:", "blocks:")
         configure_pixels(cfg, backbone)
     cfg.model.roi_heads.num_classes = len(CLASSES)
     train = cfg.dataloader.train
