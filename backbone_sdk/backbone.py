@@ -272,7 +272,11 @@ class Backbone(nn.Module):
                 f"{name} expects float images normalized with mean={spec.mean} std={spec.std}, got "
                 f"{images.dtype}; use backbone_sdk.preprocess(images, backbone.spec) to convert."
             )
+        if images.shape[0] == 0:
+            raise InputShapeError(f"{name} got an empty batch (shape {tuple(images.shape)}); pass at least one image "
+                                  "(skip the call for empty batches).")
         self._check_size(images.shape[-2], images.shape[-1])
+        self._check_device(images)
         self._check_dtype(images)
 
     def _check_size(self, h: int, w: int) -> None:
@@ -291,12 +295,22 @@ class Backbone(nn.Module):
 
     def _check_dtype(self, images: torch.Tensor) -> None:
         ref = next(self.parameters(), None)
-        if ref is None or images.dtype == ref.dtype or torch.is_autocast_enabled(images.device.type):
+        if ref is None or images.dtype == ref.dtype or (
+                ref.device.type != "meta" and torch.is_autocast_enabled(ref.device.type)):
             return
         raise InputDtypeError(
             f"{self.spec.name} has {ref.dtype} weights but got {images.dtype} images; cast with "
             f"images.to({ref.dtype}) or run under torch.autocast."
         )
+
+    def _check_device(self, images: torch.Tensor) -> None:
+        ref = next(self.parameters(), None)
+        if ref is None or images.device == ref.device or "meta" not in (images.device.type, ref.device.type):
+            return  # cpu/cuda mismatches get torch's own clear message; meta ones would not
+        raise InputDtypeError(
+            f"{self.spec.name} has weights on {ref.device} but got images on {images.device}. For shape inference "
+            f"without memory, build the model on the meta device too (with torch.device('meta'): create_backbone(...)); "
+            f"otherwise move the images with images.to({str(ref.device)!r}).")
 
     def _features(self, images: torch.Tensor, levels: Sequence[str]) -> dict[str, torch.Tensor]:
         raise NotImplementedError

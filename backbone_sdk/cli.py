@@ -44,9 +44,17 @@ def main(verbose: bool) -> None:
 @click.option("--tests/--no-tests", "include_test", default=False, help="Include tiny test variants.")
 def list_cmd(pattern: str, include_test: bool) -> None:
     """List registered backbones matching PATTERN (a glob, e.g. 'vit_*')."""
-    for name in list_backbones(pattern, include_test=include_test):
+    names = list_backbones(pattern, include_test=include_test)
+    for name in names:
         spec = get_spec(name)
         click.echo(f"{name:38s} {spec.family:8s} {spec.description}")
+    failed = [r.name for r in plugin_report() if r.error]
+    if failed:
+        click.echo(f"note: {len(failed)} plugin(s) failed to load ({', '.join(failed)}); "
+                   "see `backbone-sdk plugins`", err=True)
+    if not names:
+        raise click.ClickException(f"no backbone matches {pattern!r}"
+                                   + ("" if include_test else " (add --tests for test variants)"))
 
 
 def _param_count(name: str) -> int:
@@ -107,8 +115,8 @@ def _image_paths(folder: Path) -> list[Path]:
 @click.option("-w", "--weights", default=None, help="Hub id, directory or checkpoint file ('hub' = the spec's hub id).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("embeddings.safetensors"),
               show_default=True)
-@click.option("--batch-size", default=8, show_default=True)
-@click.option("--size", type=int, default=None, help="Square input size (default: the spec's).")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--size", type=click.IntRange(min=1), default=None, help="Square input size (default: the spec's).")
 @click.option("--maps", type=click.Choice(["none", "pyramid", "features"]), default="none", show_default=True,
               help="Also store pyramid (p2..p5) or feature maps per image.")
 @click.option("--device", default="cpu", show_default=True)

@@ -178,19 +178,22 @@ def _read_safetensors(path: Path, size: int) -> dict[str, torch.Tensor]:
 
 
 def _torch_load_problem(path: Path, size: int, exc: Exception) -> str:
+    import zipfile
+
     with open(path, "rb") as fh:
         magic = fh.read(4)
     text = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    if "weights_only" in str(exc).lower() or "unsupported global" in str(exc).lower():
+    is_zip, is_pickle = magic.startswith(b"PK\x03\x04"), magic[:1] == b"\x80" and magic[1:2] in b"\x02\x03\x04\x05"
+    if not (is_zip or is_pickle):
+        return (f"is not a torch checkpoint (it starts with bytes {magic!r}, neither a zip archive nor a pickle). "
+                "Check the file is the checkpoint you meant.")
+    if is_zip and not zipfile.is_zipfile(path):
+        return f"is a damaged or truncated torch zip checkpoint ({size} bytes; {text}); fetch it again."
+    if "weights only" in str(exc).lower() or "weights_only" in str(exc).lower():
         return (f"cannot be read with torch.load(weights_only=True): it holds pickled objects other than tensors "
-                f"({text}). Load it in trusted code and re-save only its "
-                "state dict (torch.save(ckpt['state_dict'], 'weights.pt')) or convert it to safetensors.")
-    if magic.startswith(b"PK"):
-        return (f"is a damaged or truncated torch zip checkpoint ({size} bytes; {text}); fetch it again.")
-    if magic[:1] == b"\x80":
-        return f"is a damaged or truncated legacy torch checkpoint ({size} bytes; {text}); fetch it again."
-    return (f"is not a torch checkpoint (it starts with bytes {magic!r}, not a zip archive or a pickle; {text}). "
-            "Check the file is the checkpoint you meant.")
+                f"({text}). Load it in trusted code and re-save only its state dict "
+                "(torch.save(ckpt['state_dict'], 'weights.pt')) or convert it to safetensors.")
+    return f"is a damaged or truncated torch checkpoint ({size} bytes; {text}); fetch it again."
 
 
 def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:

@@ -105,3 +105,23 @@ def test_preprocess_normalizes_with_spec():
     torch.testing.assert_close(out[0, :, 0, 0], expected)
     pad = bs.preprocess(np.zeros((4, 8, 3), np.uint8), spec, size=8, mode="pad")
     torch.testing.assert_close(pad[0, :, 0, 0], torch.zeros(3), atol=1e-6, rtol=0)  # padded with the mean colour
+
+
+def test_cli_list_pattern_matching_nothing_and_bad_options():
+    runner = CliRunner()
+    none = runner.invoke(main, ["list", "nothing_like_this*"])
+    assert none.exit_code == 1 and "no backbone matches" in none.output
+    bad = runner.invoke(main, ["extract", "--batch-size", "0"])
+    assert bad.exit_code == 2 and "batch-size" in bad.output and "Traceback" not in bad.output
+
+
+def test_cli_list_notes_failed_plugins(register_plugin):
+    class Misspelled:
+        @bs.hookimpl
+        def register_backbone(self, registry):  # not a hook of the spec
+            pass
+
+    record = bs.register_plugin(Misspelled(), name="misspelled")
+    assert record.error and "unknown hook" in record.error
+    listed = CliRunner().invoke(main, ["list", "resnet*"])
+    assert listed.exit_code == 0 and "1 plugin(s) failed to load (misspelled)" in listed.stderr

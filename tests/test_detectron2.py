@@ -563,9 +563,18 @@ def test_example_script_runs(tmp_path):
 def test_example_yaml_merges_on_model_zoo_base():
     cfg = example.yacs_cfg(None, config_file=EXAMPLES / "faster_rcnn_sdk.yaml", dataset=DATASET)
     node = cfg.MODEL.BACKBONE_SDK
-    assert (node.NAME, node.FINETUNE, node.FROZEN_BN) == ("resnet50", "stages:1", True)
+    assert (node.NAME, node.FINETUNE, cfg.MODEL.BACKBONE.FREEZE_AT, node.FROZEN_BN) == ("resnet50", "", 2, True)
     sdk.check_pixels(cfg)
     assert cfg.MODEL.BACKBONE.NAME == "build_backbone_sdk_fpn_backbone"
+
+
+@pytest.mark.parametrize(("name", "policy"), [("resnet_test", FinetunePolicy("stages", 1)),
+                                              ("vit_test", FinetunePolicy("blocks", 1))])
+def test_example_yaml_works_for_every_family(name, policy):
+    """The documented ``train.py --backbone vit_test`` path: the yaml's FREEZE_AT fits stages and blocks."""
+    cfg = example.yacs_cfg(name, config_file=EXAMPLES / "faster_rcnn_sdk.yaml", dataset=DATASET, tiny=True)
+    backbone = sdk.Detectron2Backbone.from_config(cfg, out_features=list(cfg.MODEL.FPN.IN_FEATURES))
+    assert backbone.body.finetune_policy == policy
 
 
 def test_missing_detectron2_raises_install_hint():
@@ -583,3 +592,24 @@ def test_missing_detectron2_raises_install_hint():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "backbone-sdk[detectron2]" in result.stdout
+
+
+def test_out_features_written_as_a_string():
+    """``OUT_FEATURES: res2`` (a string, not a list) means that one level, not the letters of it."""
+    cfg = _cfg("resnet_test")
+    cfg.MODEL.BACKBONE.NAME = "build_backbone_sdk_backbone"
+    cfg.MODEL.BACKBONE_SDK.OUT_FEATURES = "res2"
+    backbone = BACKBONE_REGISTRY.get("build_backbone_sdk_backbone")(cfg, None)
+    assert backbone.out_features == ["res2"]
+    with pytest.raises(sdk.ConfigError, match=r"Detectron2Backbone\(out_features=...\): expected a list of level names"):
+        sdk.Detectron2Backbone("resnet_test", out_features=[2])
+
+
+def test_freeze_at_translates_to_the_backbone_unit():
+    vit = sdk.Detectron2Backbone("vit_test", freeze_at=2)
+    assert vit.body.finetune_policy == FinetunePolicy("blocks", 1)
+    resnet = sdk.Detectron2Backbone("resnet_test", freeze_at=2)
+    assert resnet.body.finetune_policy == FinetunePolicy("stages", 1)
+    with pytest.raises(sdk.ConfigError, match="either freeze_at"):
+        sdk.Detectron2Backbone("resnet_test", freeze_at=2, finetune="frozen")
+    assert sdk.SDKBackbone is sdk.Detectron2Backbone  # deprecated name kept for one release

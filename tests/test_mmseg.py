@@ -489,3 +489,10 @@ def test_missing_mmseg_raises_install_hint():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.stdout.startswith("OK") and "backbone-sdk[mmseg]" in result.stdout, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("out_indices", [(1.0,), "0", (True,), 1.5])
+def test_out_indices_not_ints(out_indices):
+    with pytest.raises(bs.InvalidOptionError, match="out_indices must be an int or a list"):
+        sdk.MMSegBackbone("resnet_test", out_indices=out_indices)
+    assert sdk.BackboneSDK is sdk.MMSegBackbone and MODELS.get("BackboneSDK") is sdk.MMSegBackbone

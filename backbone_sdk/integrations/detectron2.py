@@ -17,7 +17,7 @@ yacs::
 LazyConfig::
 
     model = model_zoo.get_config("common/models/mask_rcnn_fpn.py").model
-    model.backbone.bottom_up = L(SDKBackbone)(name="resnet50", out_features=["res2", "res3", "res4", "res5"])
+    model.backbone.bottom_up = L(Detectron2Backbone)(name="resnet50", out_features=["res2", "res3", "res4", "res5"])
     model.backbone._target_ = SDKFPN          # needed when the patch size does not divide 32 (DINOv2)
     configure_pixels(model, "resnet50")
 
@@ -92,7 +92,7 @@ class PixelMismatchError(ConfigError):
 
 
 def _label(arg: str, prefix: str | None) -> str:
-    return f"{prefix}.{_CFG_KEYS[arg]}" if prefix else f"SDKBackbone({arg}=...)"
+    return f"{prefix}.{_CFG_KEYS[arg]}" if prefix else f"Detectron2Backbone({arg}=...)"
 
 
 def _checked(label: str, fn, *args, **kwargs):
@@ -107,7 +107,7 @@ def _checked(label: str, fn, *args, **kwargs):
 
 # -- levels ----------------------------------------------------------------------------------------
 def available_levels(spec: BackboneSpec, use_pyramid: bool) -> tuple[str, ...]:
-    """Names :class:`SDKBackbone` can return: ``res2..res5`` (pyramid) or ``features()`` levels."""
+    """Names :class:`Detectron2Backbone` can return: ``res2..res5`` (pyramid) or ``features()`` levels."""
     return PYRAMID_NAMES if use_pyramid else spec.feature_names
 
 
@@ -219,7 +219,7 @@ class Detectron2Backbone(D2Backbone):
         self._size_divisibility = self._divisibility()
 
     @classmethod
-    def from_config(cls, cfg: CfgNode, out_features: Sequence[str] | None = None) -> "SDKBackbone":
+    def from_config(cls, cfg: CfgNode, out_features: Sequence[str] | None = None) -> "Detectron2Backbone":
         """Build from ``cfg.MODEL.BACKBONE_SDK`` (see :func:`add_backbone_sdk_config`)."""
         node = _sdk_node(cfg)
         spec = _checked(f"{CFG_PREFIX}.NAME", get_spec, node.NAME) if node.NAME else None
@@ -313,7 +313,7 @@ def add_backbone_sdk_config(cfg: CfgNode) -> CfgNode:
 
     ``NAME`` backbone name; ``WEIGHTS``/``WEIGHTS_FORMAT`` backbone checkpoint (independent of the
     detector's ``MODEL.WEIGHTS``); ``OUT_FEATURES`` (empty: ``MODEL.FPN.IN_FEATURES`` under FPN,
-    otherwise the defaults of :class:`SDKBackbone`); ``FINETUNE`` (empty: follow
+    otherwise the defaults of :class:`Detectron2Backbone`); ``FINETUNE`` (empty: follow
     ``MODEL.BACKBONE.FREEZE_AT``, i.e. ``stages:FREEZE_AT-1``); ``NORM_EVAL``; ``FROZEN_BN`` (BatchNorm
     as detectron2's FrozenBN: fixed statistics and affine parameters); ``USE_PYRAMID``;
     ``GRAD_CHECKPOINT``; ``ALLOW_PIXEL_MISMATCH`` (skip the pixel-statistics check).

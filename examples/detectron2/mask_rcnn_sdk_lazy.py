@@ -14,12 +14,12 @@ Point ``cfg.dataloader.train.dataset.names`` at a registered dataset before trai
 from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
 
-from backbone_sdk.integrations.detectron2 import SDKFPN, SDKBackbone, configure_pixels
+from backbone_sdk.integrations.detectron2 import SDKFPN, Detectron2Backbone, configure_pixels
 
 BACKBONE = "swin_tiny_patch4_window7_224"
 
 model = model_zoo.get_config("common/models/mask_rcnn_fpn.py").model
-model.backbone.bottom_up = L(SDKBackbone)(
+model.backbone.bottom_up = L(Detectron2Backbone)(
     name=BACKBONE,
     weights=None,                 # "hub" or a checkpoint file for pretrained weights
     out_features=["res2", "res3", "res4", "res5"],   # = backbone.pyramid() p2..p5, FPN in_features
