@@ -568,8 +568,8 @@ def test_example_yaml_merges_on_model_zoo_base():
     assert cfg.MODEL.BACKBONE.NAME == "build_backbone_sdk_fpn_backbone"
 
 
-@pytest.mark.parametrize(("name", "policy"), [("resnet_test", FinetunePolicy("stages", 1)),
-                                              ("vit_test", FinetunePolicy("blocks", 1))])
+@pytest.mark.parametrize(("name", "policy"), [("resnet_test", FinetunePolicy("stages", 1, frozen_norm=True)),
+                                              ("vit_test", FinetunePolicy("blocks", 1, frozen_norm=True))])
 def test_example_yaml_works_for_every_family(name, policy):
     """The documented ``train.py --backbone vit_test`` path: the yaml's FREEZE_AT fits stages and blocks."""
     cfg = example.yacs_cfg(name, config_file=EXAMPLES / "faster_rcnn_sdk.yaml", dataset=DATASET, tiny=True)
