@@ -1,7 +1,6 @@
 """The interface contract, checked per registered backbone with the public kit (backbone_sdk.testing),
 each test in a registry of its own."""
 
-import math
 
 import pytest
 import torch

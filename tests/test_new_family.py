@@ -49,7 +49,7 @@ def test_vision_tower_token_count_and_cls():
 def test_llava_cls_patch():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from backbone_sdk.integrations.llm import llava_with_backbone
+    from backbone_sdk.integrations.llava import llava_with_backbone
 
     lm = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                       num_attention_heads=2, num_key_value_heads=2))

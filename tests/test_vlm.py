@@ -10,7 +10,8 @@ from torch import nn
 import backbone_sdk as bs
 from backbone_sdk.adapters.vlm import VisionTower, build_projector
 from backbone_sdk.errors import CheckpointMismatchError
-from backbone_sdk.integrations.llm import IGNORE_INDEX, LlavaVisionShim, MultimodalLM, llava_with_backbone
+from backbone_sdk.integrations.llava import LlavaVisionShim, llava_with_backbone
+from backbone_sdk.integrations.llm import IGNORE_INDEX, MultimodalLM
 from _frameworks import load_example
 from conftest import tiny_names
 

@@ -26,7 +26,6 @@ import re
 from typing import Iterable
 
 import attrs
-import torch
 from torch import nn
 
 from ..backbone import Backbone

@@ -19,7 +19,6 @@ report instead of mmengine's silent partial load. See docs/mmseg.md.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from typing import Any, Mapping
 
