@@ -15,11 +15,12 @@ __all__ = ["preprocess", "load_image"]
 
 
 def load_image(path) -> "np.ndarray":
-    """Read an image file as an RGB ``uint8`` array ``[H, W, 3]``."""
-    from PIL import Image
+    """Read an image file as an RGB ``uint8`` array ``[H, W, 3]``: EXIF orientation applied, 16-bit
+    scaled to 8, CMYK/grayscale/palette to RGB, alpha dropped, first frame of animations (see
+    :mod:`backbone_sdk.imageio`). Unusable files raise :class:`~backbone_sdk.imageio.DecodeError`."""
+    from .imageio import decode_image
 
-    with Image.open(path) as img:
-        return np.asarray(img.convert("RGB"))
+    return decode_image(str(path)).array
 
 
 def _to_chw_float(image) -> torch.Tensor:
@@ -47,12 +48,35 @@ def _to_chw_float(image) -> torch.Tensor:
     raise InputDtypeError(f"images must be uint8 (0-255) or float (0-1), got {tensor.dtype}")
 
 
+#: resized images longer than this many crop sides are cut to their central part before resizing
+_ASPECT_BOUND = 4
+
+
+def _bound_aspect(img: torch.Tensor, size: tuple[int, int], scale: float):
+    """Cut an extreme aspect ratio to the central part the crop keeps (plus the interpolation
+    filter's reach) before resizing, so that a 1x2000 image is not resized to 256x512000 pixels.
+    Ordinary images are untouched (results identical to resizing the whole image)."""
+    h, w = img.shape[-2:]
+    keep = []
+    for n, s in ((h, size[0]), (w, size[1])):
+        if n * scale <= _ASPECT_BOUND * s:
+            keep.append(n)
+            continue
+        margin = int(np.ceil(2 * max(1.0, 1.0 / scale))) + 2
+        keep.append(min(n, int(np.ceil(s / scale)) + 2 * margin))
+    if keep == [h, w]:
+        return img, h, w
+    top, left = (h - keep[0]) // 2, (w - keep[1]) // 2
+    return img[:, top:top + keep[0], left:left + keep[1]], keep[0], keep[1]
+
+
 def _resize_crop(img: torch.Tensor, size: tuple[int, int], mode: str, spec: InputSpec) -> torch.Tensor:
     h, w = img.shape[-2:]
     if mode == "resize":
         return F.interpolate(img[None], size=size, mode="bicubic", antialias=True, align_corners=False)[0]
     if mode == "crop":
         scale = max(size[0] / h, size[1] / w) / spec.crop_pct
+        img, h, w = _bound_aspect(img, size, scale)
         new = (max(size[0], round(h * scale)), max(size[1], round(w * scale)))
         img = F.interpolate(img[None], size=new, mode="bicubic", antialias=True, align_corners=False)[0]
         top, left = (new[0] - size[0]) // 2, (new[1] - size[1]) // 2

@@ -418,9 +418,9 @@ def test_missing_config_node_is_named():
 
 
 def test_sdkbackbone_argument_errors_name_the_argument():
-    with pytest.raises(sdk.ConfigError, match=r"^SDKBackbone\(name=\.\.\.\): .*resnet_test"):
+    with pytest.raises(sdk.ConfigError, match=r"^Detectron2Backbone\(name=\.\.\.\): .*resnet_test"):
         sdk.SDKBackbone(name="resnet_tset")
-    with pytest.raises(sdk.ConfigError, match=r"^SDKBackbone\(out_features=\.\.\.\): .*stage4"):
+    with pytest.raises(sdk.ConfigError, match=r"^Detectron2Backbone\(out_features=\.\.\.\): .*stage4"):
         sdk.SDKBackbone(name="resnet_test", use_pyramid=False, out_features=["res5"])
 
 
