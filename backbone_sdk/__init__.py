@@ -19,6 +19,7 @@ from .errors import (
     UnknownBackboneError,
     UnsupportedOperationError,
 )
+from .extract import read_extraction
 from .factory import create_backbone
 from .hookspecs import hookimpl
 from .preprocess import load_image, preprocess
@@ -72,6 +73,7 @@ __all__ = [
     "load_weights",
     "plugin_report",
     "preprocess",
+    "read_extraction",
     "register_plugin",
     "unregister_plugin",
     "default_registry",

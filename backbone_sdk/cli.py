@@ -109,29 +109,99 @@ def _image_paths(folder: Path) -> list[Path]:
     return paths
 
 
-@main.command()
-@click.argument("images", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("-b", "--backbone", "name", default=DEFAULT_BACKBONE, show_default=True, help="Backbone name.")
+def _note(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def _verify(directory: str) -> None:
+    from .extraction import verify
+
+    problems = verify(directory)
+    if problems:
+        raise click.ClickException(f"{directory}: " + "; ".join(problems))
+    click.echo(f"{directory}: complete and consistent")
+
+
+@main.command(context_settings={"show_default": True})
+@click.argument("inputs", nargs=-1)
+@click.option("-b", "--backbone", "name", default=DEFAULT_BACKBONE, help="Backbone name.")
 @click.option("-w", "--weights", default=None, help="Hub id, directory or checkpoint file ('hub' = the spec's hub id).")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("embeddings.safetensors"),
-              show_default=True)
-@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Output directory (default 'extraction'); a *.safetensors path selects --format safetensors.")
+@click.option("--format", "fmt", type=click.Choice(["shards", "safetensors"]), default=None,
+              help="shards: a sharded directory (npy + parquet); safetensors: one file, for small runs.")
+@click.option("--store", type=click.Choice(["fp16", "fp32"]), default="fp16", help="Embedding dtype on disk.")
+@click.option("--normalize", is_flag=True, help="L2-normalize the embeddings.")
+@click.option("--maps", type=click.Choice(["none", "pyramid", "features"]), default="none",
+              help="Also store pyramid (p2..p5) or feature maps per shard (safetensors).")
+@click.option("--batch-size", default=32, type=click.IntRange(min=1))
+@click.option("--shard-size", default=10_000, type=click.IntRange(min=1), help="Images per shard.")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Decode worker processes (default: cores - 1, at most 8).")
 @click.option("--size", type=click.IntRange(min=1), default=None, help="Square input size (default: the spec's).")
-@click.option("--maps", type=click.Choice(["none", "pyramid", "features"]), default="none", show_default=True,
-              help="Also store pyramid (p2..p5) or feature maps per image.")
-@click.option("--device", default="cpu", show_default=True)
-def extract(images, name, weights, output, batch_size, size, maps, device) -> None:
-    """Embed every image under IMAGES (default: the bundled samples) into a safetensors file."""
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", help="Inference dtype.")
+@click.option("--channels-last", is_flag=True, help="channels_last memory format for the model and inputs.")
+@click.option("--device", default=None, help="Device (default: the local rank's GPU if any, else cpu).")
+@click.option("--max-failure-rate", type=click.FloatRange(0, 1), default=0.5,
+              help="Stop when more than this fraction of images fail (after 50).")
+@click.option("--decode-timeout", type=click.FloatRange(min=0, min_open=True), default=30.0,
+              help="Seconds one image may take to decode.")
+@click.option("--seed", type=int, default=0, help="Seed of random weights (no --weights).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing, different extraction in --output.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local",
+              help="local: this process (one per torchrun/SLURM rank); ray: Ray tasks.")
+@click.option("--ray-address", default=None, help="Ray cluster address (default: a local Ray).")
+@click.option("--ray-tasks", type=click.IntRange(min=1), default=2, help="Ray worker tasks.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads per process.")
+def extract(inputs, name, weights, output, fmt, store, normalize, maps, batch_size, shard_size, workers, size, dtype,
+            channels_last, device, max_failure_rate, decode_timeout, seed, overwrite, engine, ray_address, ray_tasks,
+            threads) -> None:
+    """Embed images of INPUTS (folders, file lists .txt/.csv/.parquet, tar shards such as
+    'data/{00000..00009}.tar'; default: the bundled samples). `extract verify DIR` checks an output."""
+    if inputs and inputs[0] == "verify":
+        if len(inputs) != 2:
+            raise click.UsageError("usage: backbone-sdk extract verify DIR")
+        return _verify(inputs[1])
+    if not inputs:
+        inputs = (str(sample_dir()),)
+        _note(f"no inputs given: using the bundled sample images in {inputs[0]}")
+    if weights is None:
+        _note(f"NOTE: no --weights given, {name} has RANDOM weights (seed {seed}): the embeddings are not "
+              "meaningful. Pass --weights hub (or a checkpoint) for pretrained features.")
+    fmt = fmt or ("safetensors" if output is not None and output.suffix == ".safetensors" else "shards")
+    if fmt == "safetensors":
+        return _extract_file(inputs, name, weights, output or Path("embeddings.safetensors"), batch_size, size, maps,
+                             device or "cpu")
+    from .extraction import ExtractionSettings, run
+
+    output = output or Path("extraction")
+    settings = ExtractionSettings(backbone=name, weights=weights, size=size, store=store, normalize=normalize,
+                                  maps=maps, dtype=dtype, channels_last=channels_last, batch_size=batch_size,
+                                  shard_size=shard_size, workers=workers, device=device,
+                                  max_failure_rate=max_failure_rate, decode_timeout=decode_timeout, seed=seed,
+                                  threads=threads)
+    if engine == "ray":
+        from .extraction.ray_engine import run_on_ray
+
+        summary = run_on_ray(list(inputs), output, settings, tasks=ray_tasks, address=ray_address,
+                             overwrite=overwrite)
+    else:
+        summary = run(list(inputs), output, settings, overwrite=overwrite, progress=True)
+    split = summary.get("this_process_seconds") or {}
+    click.echo(f"{summary['ok']} of {summary['images']} images embedded ({name}, {summary['shards_done']}/"
+               f"{summary['shards']} shards), failed: {summary['failed'] or 0}, "
+               f"{summary['images_per_second']} img/s; time read/decode {split.get('read_decode', 0):.1f} s, "
+               f"inference {split.get('inference', 0):.1f} s, write {split.get('write', 0):.1f} s")
+    click.echo(f"output: {output.resolve()}  (check: backbone-sdk extract verify {output}; read: "
+               f"backbone_sdk.read_extraction({str(output)!r}) -> .shards (memory-mapped npy), .meta (pyarrow))")
+
+
+def _extract_file(inputs, name, weights, output, batch_size, size, maps, device) -> None:
     from .extract import run_extraction
 
-    if images is None:
-        images = sample_dir()
-        click.echo(f"no image folder given: using the {len(_image_paths(images))} bundled sample images in {images}")
-    if weights is None:
-        click.echo(f"NOTE: no --weights given, {name} has RANDOM weights: the embeddings are not meaningful. "
-                   "Pass --weights hub (or a checkpoint) for pretrained features.")
-    result = run_extraction(_image_paths(images), name, weights, output, batch_size=batch_size, size=size,
-                            maps=maps, device=device, progress=True)
+    paths = [p for item in inputs for p in (_image_paths(Path(item)) if Path(item).is_dir() else [Path(item)])]
+    result = run_extraction(paths, name, weights, output, batch_size=batch_size, size=size, maps=maps, device=device,
+                            progress=True)
     click.echo(f"wrote {result['count']} embeddings of dim {result['dim']} ({name}) to {output}")
 
 

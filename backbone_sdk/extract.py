@@ -50,8 +50,14 @@ def run_extraction(paths: Sequence[Path], name: str, weights=None, output: Path 
     return {"count": len(paths), "dim": stacked["embeddings"].shape[1], "output": str(output)}
 
 
-def read_extraction(path) -> tuple[dict[str, torch.Tensor], list[str], dict[str, str]]:
-    """Read an extraction file back: ``(tensors, image_paths, metadata)``."""
+def read_extraction(path):
+    """Read an extraction back. A directory (the default ``extract`` output) gives an
+    :class:`~backbone_sdk.extraction.Extraction` (memory-mapped embeddings per shard, metadata
+    table); a ``--format safetensors`` file gives ``(tensors, image_paths, metadata)``."""
+    if Path(path).is_dir():
+        from .extraction import read_extraction as read_dir
+
+        return read_dir(path)
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as fh:

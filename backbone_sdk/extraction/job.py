@@ -27,7 +27,7 @@ from ..imageio import MAX_PIXELS, DecodeError, decode_image
 from .sources import describe, iter_samples
 from .store import Layout, atomic_write, claim, iter_shard_rows, release, write_json
 
-__all__ = ["ExtractionError", "ExtractionSettings", "run", "launcher_rank"]
+__all__ = ["ExtractionError", "ExtractionSettings", "run", "prepare", "summarize", "launcher_rank"]
 
 log = logging.getLogger(__name__)
 STORES = {"fp16": np.float16, "fp32": np.float32}
@@ -357,19 +357,10 @@ def summarize(layout: Layout, num_shards: int, timing: dict | None = None) -> di
     return summary
 
 
-def run(inputs, output: str | os.PathLike, settings: ExtractionSettings = ExtractionSettings(), *,
-        overwrite: bool = False, progress: bool = False, rank: int | None = None, world: int | None = None) -> dict:
-    """Extract embeddings of ``inputs`` into the sharded directory ``output``; returns the summary.
-
-    Safe to re-run: done shards are skipped, partial ones redone. ``rank``/``world`` default to the
-    launcher's environment (torchrun, SLURM).
-    """
+def prepare(inputs, output, settings: ExtractionSettings, *, overwrite: bool = False, rank: int = 0):
+    """Rank 0 checks or creates the output directory and writes the manifest; others wait for it."""
     from ..registry import get_spec
 
-    env_rank, env_world, local_rank = launcher_rank()
-    rank, world = (env_rank if rank is None else rank), (env_world if world is None else world)
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
     layout = Layout(output)
     spec = get_spec(settings.backbone)
     info = _provenance(settings, spec, inputs, spec.embed_dim)
@@ -381,6 +372,21 @@ def run(inputs, output: str | os.PathLike, settings: ExtractionSettings = Extrac
     else:
         _wait_for(layout.manifest)
         _prepare_output(layout, info, overwrite=False)
+    return layout, info
+
+
+def run(inputs, output: str | os.PathLike, settings: ExtractionSettings = ExtractionSettings(), *,
+        overwrite: bool = False, progress: bool = False, rank: int | None = None, world: int | None = None) -> dict:
+    """Extract embeddings of ``inputs`` into the sharded directory ``output``; returns the summary.
+
+    Safe to re-run: done shards are skipped, partial ones redone. ``rank``/``world`` default to the
+    launcher's environment (torchrun, SLURM).
+    """
+    env_rank, env_world, local_rank = launcher_rank()
+    rank, world = (env_rank if rank is None else rank), (env_world if world is None else world)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    layout, info = prepare(inputs, output, settings, overwrite=overwrite, rank=rank)
     import pyarrow.parquet as pq
 
     manifest = pq.ParquetFile(layout.manifest)
