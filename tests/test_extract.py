@@ -19,6 +19,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 import backbone_sdk as bs
+from _frameworks import require
 from backbone_sdk.cli import main
 from backbone_sdk.extraction import ExtractionError, ExtractionSettings, run, verify
 from backbone_sdk.imageio import DecodeError, decode_image
@@ -297,7 +298,7 @@ def test_torchrun_two_processes_match_one_and_survive_a_killed_worker(tmp_path):
 
 @pytest.mark.slow
 def test_ray_engine_matches_one_process(tmp_path):
-    pytest.importorskip("ray") if os.environ.get("BACKBONE_SDK_REQUIRE_INTEGRATIONS") != "1" else None
+    require("ray")
     make_corpus(tmp_path / "in", 120, bad=False)
     single = tmp_path / "single"
     run([tmp_path / "in"], single, SETTINGS)
