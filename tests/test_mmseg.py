@@ -115,7 +115,7 @@ def test_out_indices_select_levels(name):
 
 def test_plain_vit_default_out_indices_are_evenly_spaced():
     spec = bs.get_spec("vit_base_patch16_224")
-    assert sdk._default_indices(spec, False) == (2, 5, 8, 11)
+    assert sdk.backbone._default_indices(spec, False) == (2, 5, 8, 11)
     assert sdk.backbone_channels("vit_base_patch16_224") == [768] * 4
     assert sdk.backbone_channels("vit_base_patch16_224", pyramid=True) == [256] * 4
 
@@ -195,7 +195,7 @@ def _in_eval(module):
 
 
 def _reference(name, policy, norm_eval, frozen_norm=False):
-    overrides = sdk._overrides(bs.get_spec(name), pyramid=False)  # same architecture, policy applied directly
+    overrides = sdk.backbone._overrides(bs.get_spec(name), pyramid=False)  # same architecture, policy applied directly
     return apply_finetune(bs.create_backbone(name, **overrides), policy, norm_eval, frozen_norm).train()
 
 

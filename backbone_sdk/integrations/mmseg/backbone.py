@@ -1,20 +1,4 @@
-"""mmsegmentation (1.x) integration: every backbone_sdk backbone as an mmseg backbone.
-
-Importing this module registers :class:`BackboneSDK` in ``mmseg.registry.MODELS`` and
-:class:`BackboneSDKHook` in ``mmseg.registry.HOOKS``; configs load it with
-``custom_imports=dict(imports=['backbone_sdk.integrations.mmseg'], allow_failed_imports=False)``::
-
-    model = dict(
-        type='EncoderDecoder',
-        data_preprocessor=data_preprocessor_for('swin_tiny_patch4_window7_224', (512, 512)),
-        backbone=dict(type='BackboneSDK', name='swin_tiny_patch4_window7_224', frozen_stages=1,
-                      init_cfg=dict(type='Pretrained', checkpoint='seg.pth', prefix='backbone.')),
-        decode_head=dict(type='UPerHead', in_channels=backbone_channels('swin_tiny_patch4_window7_224'), ...))
-
-A ``Pretrained`` ``init_cfg`` is loaded through backbone_sdk's strict loader: every missing,
-unexpected or mis-shaped key raises :class:`~backbone_sdk.CheckpointMismatchError` with the key
-report instead of mmengine's silent partial load. See docs/mmseg.md.
-"""
+"""The SDK backbone as an mmseg backbone (registered as ``BackboneSDK``), with its level and checkpoint helpers."""
 
 from __future__ import annotations
 
@@ -23,37 +7,16 @@ import os
 from typing import Any, Mapping
 
 import torch
+from mmengine.model import BaseModule, initialize
+from mmseg.registry import MODELS
 
-from ..errors import CheckpointError, require
-
-require("mmseg", "mmseg")
-require("mmengine", "mmseg")
-
-from mmengine.hooks import Hook  # noqa: E402
-from mmengine.model import BaseModule, initialize, is_model_wrapper  # noqa: E402
-from mmseg.registry import HOOKS, MODELS  # noqa: E402
-
-from ..adapters.finetune import FinetunePolicy, apply_finetune, unit_of  # noqa: E402
-from ..backbone import PYRAMID_LEVELS  # noqa: E402
-from ..errors import InvalidOptionError  # noqa: E402
-from ..factory import create_backbone  # noqa: E402
-from ..pixels import close  # noqa: E402
-from ..registry import get_spec  # noqa: E402
-from ..specs import BackboneSpec  # noqa: E402
-from ..weights import LoadReport, load_state_dict  # noqa: E402
-
-__all__ = [
-    "MMSegBackbone",
-    "BackboneSDK",
-    "BackboneSDKHook",
-    "backbone_channels",
-    "backbone_strides",
-    "data_preprocessor_for",
-    "check_data_preprocessor",
-    "read_checkpoint",
-    "safe_checkpoint",
-    "restore_checkpoint",
-]
+from ...adapters.finetune import FinetunePolicy, apply_finetune, unit_of
+from ...backbone import PYRAMID_LEVELS
+from ...errors import CheckpointError, InvalidOptionError
+from ...factory import create_backbone
+from ...registry import get_spec
+from ...specs import BackboneSpec
+from ...weights import LoadReport, load_state_dict
 
 log = logging.getLogger(__name__)
 _PRETRAINED = "Pretrained"
@@ -310,157 +273,3 @@ BackboneSDK = MMSegBackbone
 def _is_local_file(source) -> bool:
     return isinstance(source, (str, os.PathLike)) and os.path.isfile(os.fspath(source))
 
-
-# -- data preprocessing ----------------------------------------------------------------------------
-def data_preprocessor_for(name: str, size: tuple[int, int] | int | None = None) -> dict:
-    """A ``SegDataPreProcessor`` config matching the backbone's normalization (0-255 images, BGR files).
-
-    ``size`` pads training batches to that size (crop size); test batches are padded to the
-    backbone's size divisibility (a ViT's patch size).
-    """
-    spec = get_spec(name)
-    cfg = dict(type="SegDataPreProcessor", mean=[round(m * 255, 6) for m in spec.input.mean],
-               std=[round(s * 255, 6) for s in spec.input.std], bgr_to_rgb=True, pad_val=0, seg_pad_val=255)
-    if size is not None:
-        cfg["size"] = (size, size) if isinstance(size, int) else tuple(size)
-    div = spec.input.size_divisibility
-    if size is None:
-        cfg["size_divisor"] = div  # mmseg needs one of size / size_divisor to batch training images
-    if div > 1:
-        cfg["test_cfg"] = dict(size_divisor=div)
-    return cfg
-
-
-def _get(obj, key, default=None):
-    if isinstance(obj, Mapping):
-        return obj.get(key, default)
-    return getattr(obj, key, default)
-
-
-def _from_model(model) -> tuple[str, dict]:
-    model = model.module if is_model_wrapper(model) else model
-    backbone = getattr(model, "backbone", None)
-    if not isinstance(backbone, BackboneSDK):
-        raise ValueError(f"{type(model).__name__} has no BackboneSDK backbone to check against")
-    dp = getattr(model, "data_preprocessor", None)
-    normalizes = getattr(dp, "_enable_normalize", False)
-    found = dict(mean=dp.mean.flatten().tolist() if normalizes else None,
-                 std=dp.std.flatten().tolist() if normalizes else None,
-                 flips=bool(getattr(dp, "channel_conversion", False)))
-    return backbone.spec.name, found
-
-
-def _from_config(cfg) -> tuple[str, dict]:
-    model = _get(cfg, "model") or cfg
-    backbone = _get(model, "backbone") or {}
-    if _get(backbone, "type") not in ("BackboneSDK", BackboneSDK):
-        raise ValueError(f"model.backbone is {_get(backbone, 'type')!r}, not BackboneSDK; nothing to check")
-    dp = _get(model, "data_preprocessor") or _get(cfg, "data_preprocessor") or {}
-    found = dict(mean=_get(dp, "mean"), std=_get(dp, "std"),
-                 flips=bool(_get(dp, "bgr_to_rgb", False) or _get(dp, "rgb_to_bgr", False)))
-    if _get(dp, "rgb_to_bgr", False):
-        found["flips"] = "rgb_to_bgr"
-    return _get(backbone, "name"), found
-
-
-def check_data_preprocessor(cfg_or_model, bgr_input: bool = True) -> None:
-    """Raise ``ValueError`` unless the segmentor normalizes images the way its backbone expects.
-
-    Accepts an mmengine ``Config``/``ConfigDict`` (full config or ``model`` section) or a built
-    segmentor. Checks ``mean``/``std`` (0-255 scale) against the backbone spec and that BGR-loaded
-    images (mmseg's ``LoadImageFromFile``) are flipped to RGB; pass ``bgr_input=False`` if your
-    pipeline already loads RGB.
-    """
-    is_module = isinstance(cfg_or_model, torch.nn.Module)
-    name, found = _from_model(cfg_or_model) if is_module else _from_config(cfg_or_model)
-    spec = get_spec(name)
-    fix = f"use data_preprocessor=data_preprocessor_for({name!r}, crop_size) from backbone_sdk.integrations.mmseg"
-    problems = []
-    for key, want in (("mean", spec.input.mean), ("std", spec.input.std)):
-        got, expected = found[key], [round(v * 255, 4) for v in want]
-        if got is None:
-            problems.append(f"{key} is not set (images would reach {name} unnormalized); expected {expected}")
-        elif not close(got, expected):
-            problems.append(f"{key}={list(got)} but {name} was trained with {key}={expected} (RGB, 0-255)")
-    if found["flips"] == "rgb_to_bgr":
-        problems.append(f"rgb_to_bgr=True feeds BGR images, but {name} expects RGB")
-    elif bgr_input and not found["flips"]:
-        problems.append("bgr_to_rgb is not set: mmseg loads images as BGR, so the backbone would see BGR "
-                        "(set bgr_to_rgb=True, or check_data_preprocessor(..., bgr_input=False) for RGB pipelines)")
-    elif not bgr_input and found["flips"]:
-        problems.append("the channels are flipped, but the pipeline loads RGB: the backbone would see BGR")
-    if problems:
-        lines = "\n  ".join(problems)
-        raise ValueError(f"data_preprocessor does not match the backbone:\n  {lines}\nFix: {fix}.")
-
-
-# -- runner hook: checks and weights_only-loadable checkpoints -------------------------------------
-_HISTORY = "__mmengine_history_buffer__"
-
-
-def safe_checkpoint(obj):
-    """A copy of (part of) an mmengine checkpoint that ``torch.load(weights_only=True)`` can read.
-
-    ``HistoryBuffer`` objects (whose pickles call ``getattr``) become plain dicts of tensors, numpy
-    scalars become Python numbers and numpy arrays lists. :func:`restore_checkpoint` undoes the
-    ``HistoryBuffer`` part.
-    """
-    import numpy as np
-    from mmengine.logging import HistoryBuffer
-
-    if isinstance(obj, HistoryBuffer):
-        log, count = obj.data
-        return {_HISTORY: True, "log": torch.as_tensor(np.asarray(log)), "count": torch.as_tensor(np.asarray(count)),
-                "max_length": int(obj.max_length)}
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Mapping):
-        return type(obj)((k, safe_checkpoint(v)) for k, v in obj.items())
-    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
-        return type(obj)(safe_checkpoint(v) for v in obj)
-    return obj
-
-
-def restore_checkpoint(obj):
-    """Undo :func:`safe_checkpoint` for ``HistoryBuffer`` objects (so the message hub resumes fully)."""
-    from mmengine.logging import HistoryBuffer
-
-    if isinstance(obj, Mapping) and obj.get(_HISTORY) is True:
-        return HistoryBuffer(obj["log"].numpy(), obj["count"].numpy(), obj["max_length"])
-    if isinstance(obj, Mapping):
-        return type(obj)((k, restore_checkpoint(v)) for k, v in obj.items())
-    return obj
-
-
-@HOOKS.register_module()
-class BackboneSDKHook(Hook):
-    """Runner hook for configs using :class:`BackboneSDK`: ``custom_hooks=[dict(type='BackboneSDKHook')]``.
-
-    - before training/testing, runs :func:`check_data_preprocessor` on the model (``check=False``
-      turns it off, ``bgr_input=False`` for pipelines that load RGB);
-    - writes checkpoints that load with ``torch.load(weights_only=True)``, so that resuming works on
-      torch>=2.6 (where mmengine 0.10's plain ``torch.load`` rejects its own ``HistoryBuffer``
-      pickles) without turning safe loading off. The model and optimizer states are unchanged.
-    """
-
-    priority = "VERY_LOW"  # after other hooks added their entries to the checkpoint
-
-    def __init__(self, check: bool = True, bgr_input: bool = True, safe_checkpoints: bool = True):
-        self.check = check
-        self.bgr_input = bgr_input
-        self.safe_checkpoints = safe_checkpoints
-
-    def before_run(self, runner) -> None:
-        if self.check:
-            check_data_preprocessor(runner.model, bgr_input=self.bgr_input)
-
-    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
-        if self.safe_checkpoints:
-            for key in [k for k in checkpoint if k not in ("state_dict", "optimizer")]:
-                checkpoint[key] = safe_checkpoint(checkpoint[key])
-
-    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
-        if "message_hub" in checkpoint:
-            checkpoint["message_hub"] = restore_checkpoint(checkpoint["message_hub"])
