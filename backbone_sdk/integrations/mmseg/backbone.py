@@ -111,7 +111,7 @@ def read_checkpoint(path: str | os.PathLike, prefix: str | None = None) -> dict[
     Files are read with ``weights_only=True`` (no pickled code runs). mmengine Runner checkpoints
     are readable when they were written with :class:`BackboneSDKHook` in ``custom_hooks``.
     """
-    from ..weights import read_state_dict
+    from ...weights import read_state_dict
 
     state = read_state_dict(path)
     if not prefix:
@@ -203,7 +203,7 @@ class MMSegBackbone(BaseModule):
         Accepts bare backbone checkpoints (native, timm, torchvision, ... layouts) and, after
         ``prefix`` is stripped, segmentor checkpoints of a model built with this class.
         """
-        from ..weights import load_weights
+        from ...weights import load_weights
 
         if isinstance(source, str) and source == "hub":
             if not self.spec.hub_id:
