@@ -317,3 +317,16 @@ def test_cli_default_run_prints_where_the_output_is(tmp_path, monkeypatch):
     assert "output: " in result.output and "read_extraction" in result.output
     info = json.loads((tmp_path / "extraction" / "extraction.json").read_text())
     assert info["backbone"] == "resnet_test" and verify(tmp_path / "extraction") == []
+
+
+def test_a_hanging_decode_is_bounded_by_the_timeout(tmp_path, monkeypatch):
+    import backbone_sdk.imageio as imageio
+
+    def hang(data, max_pixels):
+        time.sleep(5)
+
+    monkeypatch.setattr(imageio, "_open", hang)
+    start = time.perf_counter()
+    with pytest.raises(DecodeError) as info:
+        decode_image(b"anything", timeout=0.2)
+    assert info.value.kind == "timeout" and time.perf_counter() - start < 2
