@@ -68,6 +68,25 @@ def positive_ints(instance, attribute, value):
         raise ValueError(f"{attribute.name} must be a non-empty sequence of integers >= 1, got {value!r}")
 
 
+def divides(field: str):
+    """attrs validator factory: an ``int`` >= 1 that divides the (earlier) field ``field`` (e.g. heads of dim)."""
+    def check(instance, attribute, value):
+        positive(instance, attribute, value)
+        total = getattr(instance, field)
+        if total % value:
+            raise ValueError(f"{attribute.name}={value} must divide {field}={total}")
+    return check
+
+
+def count_of(n: int):
+    """attrs validator factory: a tuple of exactly ``n`` integers >= 1 (e.g. one per stage)."""
+    def check(instance, attribute, value):
+        positive_ints(instance, attribute, value)
+        if len(value) != n:
+            raise ValueError(f"{attribute.name} must have {n} entries (one per stage), got {value!r}")
+    return check
+
+
 def positive_float(instance, attribute, value):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ValueError(f"{attribute.name} must be a number > 0, got {value!r}")

@@ -9,17 +9,46 @@ checkpointing and transformers-directory reading live here once; the pyramid nec
 
 from __future__ import annotations
 
+import attrs
 import torch
 from torch import nn
 
 from ..backbone import Backbone
-from ..specs import FeatureInfo, Tokens
+from ..specs import BackboneConfig, FeatureInfo, PrefixTokens, Tokens, divides, positive
 from ._common import read_hf_pretrained, run
 
 
 def block_features(dim: int, depth: int, patch: int) -> list[FeatureInfo]:
     """``block0..block{depth-1}``: every block's output as a ``[B, dim, H/patch, W/patch]`` map."""
     return [FeatureInfo(f"block{i}", dim, patch) for i in range(depth)]
+
+
+@attrs.frozen(kw_only=True)
+class PlainViTConfig(BackboneConfig):
+    """What every plain ViT family's config has: ``dim``, ``depth``, ``heads`` (dividing ``dim``) and
+    ``patch_size``; ``block{i}`` levels at stride ``patch_size``, a CLS token, H and W multiples of the patch."""
+
+    dim: int = attrs.field(validator=positive)
+    depth: int = attrs.field(validator=positive)
+    heads: int = attrs.field(validator=divides("dim"))
+    patch_size: int = attrs.field(default=16, validator=positive)
+
+    @property
+    def plain(self):
+        return True
+
+    def feature_info(self, input):
+        return block_features(self.dim, self.depth, self.patch_size)
+
+    def embedding_dim(self):
+        return self.dim
+
+    def prefix_tokens(self):
+        return PrefixTokens(cls=True)
+
+    def input_spec(self, input):
+        p = self.patch_size
+        return attrs.evolve(input, patch_size=p, size_divisibility=p, min_size=p)
 
 
 class PlainViT(Backbone):

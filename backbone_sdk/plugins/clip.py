@@ -38,10 +38,10 @@ from torch import nn
 
 from ..errors import CheckpointError, UnsupportedOperationError
 from ..hookspecs import hookimpl
-from ..specs import CLIP_MEAN, CLIP_STD, BackboneConfig, BackboneSpec, InputSpec, PrefixTokens, positive
+from ..specs import CLIP_MEAN, CLIP_STD, BackboneSpec, InputSpec, divides, positive
 from . import _clip_tokenizer
 from ._common import has_keys, hf_model, rename, split_qkv, strip_prefixes
-from ._plainvit import PlainViT, block_features
+from ._plainvit import PlainViT, PlainViTConfig
 
 FAMILY = "clip"
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
@@ -61,17 +61,8 @@ def tokenize(texts: str | Sequence[str], context_length: int = _clip_tokenizer.C
 TEXT = "text"
 
 
-def _heads_of(dim_field: str):
-    def check(instance, attribute, value):
-        positive(instance, attribute, value)
-        dim = getattr(instance, dim_field)
-        if dim % value:
-            raise ValueError(f"{attribute.name}={value} must divide {dim_field}={dim}")
-    return check
-
-
 @attrs.frozen(kw_only=True)
-class CLIPConfig(BackboneConfig):
+class CLIPConfig(PlainViTConfig):
     """Architecture of a CLIP variant: a ViT image tower and (optional part ``"text"``) a text tower.
 
     ``dim``/``depth``/``heads``: image tower; ``text_*``: text tower; ``projection_dim``: width of the
@@ -80,33 +71,15 @@ class CLIPConfig(BackboneConfig):
 
     OPTIONAL_PARTS = frozenset({TEXT})
 
-    dim: int = attrs.field(validator=positive)
-    depth: int = attrs.field(validator=positive)
-    heads: int = attrs.field(validator=_heads_of("dim"))
-    patch_size: int = attrs.field(validator=positive)
     text_dim: int = attrs.field(validator=positive)
     text_depth: int = attrs.field(validator=positive)
-    text_heads: int = attrs.field(validator=_heads_of("text_dim"))
+    text_heads: int = attrs.field(validator=divides("text_dim"))
     projection_dim: int = attrs.field(validator=positive)
     vocab_size: int = attrs.field(default=_clip_tokenizer.VOCAB_SIZE, validator=positive)
     context_length: int = attrs.field(default=_clip_tokenizer.CONTEXT_LENGTH, validator=positive)
 
-    @property
-    def plain(self):
-        return True
-
-    def feature_info(self, input):
-        return block_features(self.dim, self.depth, self.patch_size)
-
     def embedding_dim(self):
         return self.projection_dim
-
-    def prefix_tokens(self):
-        return PrefixTokens(cls=True)
-
-    def input_spec(self, input):
-        p = self.patch_size
-        return attrs.evolve(input, patch_size=p, size_divisibility=p, min_size=p)
 
 
 class _VisionStem(nn.Module):

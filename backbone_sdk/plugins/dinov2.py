@@ -29,10 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from ..hookspecs import hookimpl
-from ..specs import (IMAGENET_MEAN, IMAGENET_STD, BackboneConfig, BackboneSpec, InputSpec, PrefixTokens, non_negative,
-                     positive)
+from ..specs import IMAGENET_MEAN, IMAGENET_STD, BackboneSpec, InputSpec, PrefixTokens, non_negative, positive
 from ._common import has_keys, hf_model, rename, split_qkv, strip_prefixes
-from ._plainvit import PlainViT, block_features
+from ._plainvit import PlainViT, PlainViTConfig
 
 FAMILY = "dinov2"
 PATCH = 14
@@ -41,19 +40,13 @@ NATIVE_SIZE = 518
 RELEASE_OFFSET = 0.1
 
 
-def _divides_dim(instance, attribute, value):
-    positive(instance, attribute, value)
-    if instance.dim % value:
-        raise ValueError(f"heads={value} must divide dim={instance.dim}")
-
-
 def _offset(instance, attribute, value):
     if not 0.0 <= value < 1.0:
         raise ValueError(f"{attribute.name} must be in [0, 1), got {value!r}")
 
 
 @attrs.frozen(kw_only=True)
-class DINOv2Config(BackboneConfig):
+class DINOv2Config(PlainViTConfig):
     """Architecture of a DINOv2 variant.
 
     :param dim: token width. :param depth: blocks. :param heads: attention heads (divide ``dim``).
@@ -64,9 +57,6 @@ class DINOv2Config(BackboneConfig):
     :param pos_embed_antialias: antialias when resampling (off in the original release, on for registers).
     """
 
-    dim: int = attrs.field(validator=positive)
-    depth: int = attrs.field(validator=positive)
-    heads: int = attrs.field(validator=_divides_dim)
     registers: int = attrs.field(default=0, validator=non_negative)
     swiglu: bool = False
     mlp_ratio: int = attrs.field(default=4, validator=positive)
@@ -76,22 +66,8 @@ class DINOv2Config(BackboneConfig):
     pos_embed_antialias: bool = False
     layer_norm_eps: float = 1e-6
 
-    @property
-    def plain(self):
-        return True
-
-    def feature_info(self, input):
-        return block_features(self.dim, self.depth, self.patch_size)
-
-    def embedding_dim(self):
-        return self.dim
-
     def prefix_tokens(self):
         return PrefixTokens(cls=True, registers=self.registers)
-
-    def input_spec(self, input):
-        p = self.patch_size
-        return attrs.evolve(input, patch_size=p, size_divisibility=p, min_size=p)
 
 
 class DINOv2(PlainViT):

@@ -11,16 +11,10 @@ import torch
 
 from ..backbone import Backbone
 from ..hookspecs import hookimpl
-from ..specs import BackboneConfig, BackboneSpec, FeatureInfo, InputSpec, positive, positive_ints
+from ..specs import BackboneConfig, BackboneSpec, FeatureInfo, InputSpec, count_of, positive
 from ._common import has_keys, read_hf_pretrained, rename, run, strip_prefixes
 
 FAMILY = "resnet"
-
-
-def _four(instance, attribute, value):
-    positive_ints(instance, attribute, value)
-    if len(value) != 4:
-        raise ValueError(f"{attribute.name} must have 4 entries (one per stage), got {value!r}")
 
 
 @attrs.frozen(kw_only=True)
@@ -33,8 +27,8 @@ class ResNetConfig(BackboneConfig):
     """
 
     block: str = attrs.field(validator=attrs.validators.in_(("basic", "bottleneck")))
-    depths: tuple[int, ...] = attrs.field(converter=tuple, validator=_four)
-    widths: tuple[int, ...] = attrs.field(converter=tuple, validator=_four)
+    depths: tuple[int, ...] = attrs.field(converter=tuple, validator=count_of(4))
+    widths: tuple[int, ...] = attrs.field(converter=tuple, validator=count_of(4))
     stem_width: int = attrs.field(default=64, validator=positive)
 
     def feature_info(self, input):

@@ -31,21 +31,15 @@ from torch.nn import functional as F
 
 from ..backbone import Backbone
 from ..hookspecs import hookimpl
-from ..specs import BackboneConfig, BackboneSpec, FeatureInfo, InputSpec, positive, positive_ints
+from ..specs import BackboneConfig, BackboneSpec, FeatureInfo, InputSpec, count_of, positive
 from ._common import has_keys, hf_model, read_hf_pretrained, rename, run, split_qkv, strip_prefixes
 
 FAMILY = "swin"
 _MASKED = -100.0  # the additive mask value of the reference implementation (exactly reproduced)
 
 
-def _four(instance, attribute, value):
-    positive_ints(instance, attribute, value)
-    if len(value) != 4:
-        raise ValueError(f"{attribute.name} must have 4 entries (one per stage), got {value!r}")
-
-
 def _heads(instance, attribute, value):
-    _four(instance, attribute, value)
+    count_of(4)(instance, attribute, value)
     bad = [(i, h) for i, h in enumerate(value) if (instance.embed_dim * 2**i) % h]
     if bad:
         raise ValueError(f"heads {value!r} must divide the stage widths {[instance.embed_dim * 2**i for i in range(4)]}")
@@ -67,7 +61,7 @@ class SwinConfig(BackboneConfig):
     """
 
     embed_dim: int = attrs.field(validator=positive)
-    depths: tuple[int, ...] = attrs.field(converter=tuple, validator=_four)
+    depths: tuple[int, ...] = attrs.field(converter=tuple, validator=count_of(4))
     heads: tuple[int, ...] = attrs.field(converter=tuple, validator=_heads)
     window: int = attrs.field(default=7, validator=positive)
     patch_size: int = attrs.field(default=4, validator=positive)

@@ -12,21 +12,15 @@ from __future__ import annotations
 import attrs
 
 from ..hookspecs import hookimpl
-from ..specs import IMAGENET_MEAN, IMAGENET_STD, BackboneConfig, BackboneSpec, InputSpec, PrefixTokens, positive
+from ..specs import IMAGENET_MEAN, IMAGENET_STD, BackboneSpec, InputSpec, PrefixTokens, positive
 from ._common import has_keys, hf_model, rename, split_qkv, strip_prefixes
-from ._plainvit import PlainViT, block_features
+from ._plainvit import PlainViT, PlainViTConfig
 
 FAMILY = "vit"
 
 
-def _divides_dim(instance, attribute, value):
-    positive(instance, attribute, value)
-    if instance.dim % value:
-        raise ValueError(f"heads={value} must divide dim={instance.dim}")
-
-
 @attrs.frozen(kw_only=True)
-class ViTConfig(BackboneConfig):
+class ViTConfig(PlainViTConfig):
     """Architecture of a ViT / DeiT / DINO variant.
 
     :param dim: token width. :param depth: number of blocks. :param heads: attention heads (divide ``dim``).
@@ -35,30 +29,12 @@ class ViTConfig(BackboneConfig):
     :param distilled: DeiT's distillation token after CLS (``embed`` averages the two).
     """
 
-    dim: int = attrs.field(validator=positive)
-    depth: int = attrs.field(validator=positive)
-    heads: int = attrs.field(validator=_divides_dim)
     mlp_ratio: int = attrs.field(default=4, validator=positive)
-    patch_size: int = attrs.field(default=16, validator=positive)
     layer_norm_eps: float = 1e-6
     distilled: bool = False
 
-    @property
-    def plain(self):
-        return True
-
-    def feature_info(self, input):
-        return block_features(self.dim, self.depth, self.patch_size)
-
-    def embedding_dim(self):
-        return self.dim
-
     def prefix_tokens(self):
         return PrefixTokens(cls=True, distillation=self.distilled)
-
-    def input_spec(self, input):
-        p = self.patch_size
-        return attrs.evolve(input, patch_size=p, size_divisibility=p, min_size=p)
 
 
 class ViT(PlainViT):
