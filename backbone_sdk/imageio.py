@@ -102,6 +102,14 @@ def _open(data: bytes | str, max_pixels: int):
     if isinstance(data, bytes) and not data:
         raise DecodeError("empty", "the file is empty (0 bytes)")
     source = io.BytesIO(data) if isinstance(data, bytes) else data
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # our own max_pixels check below decides
+    try:
+        return _open_checked(Image, source, max_pixels)
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def _open_checked(Image, source, max_pixels: int):
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
@@ -116,11 +124,13 @@ def _open(data: bytes | str, max_pixels: int):
             raise DecodeError("unreadable", f"is a directory: {exc.filename}") from exc
         except PermissionError as exc:
             raise DecodeError("unreadable", f"permission denied: {exc.filename}") from exc
+        except DecodeError:
+            raise  # the timeout, raised from inside PIL
         except Exception as exc:  # PIL.UnidentifiedImageError and friends
             if isinstance(source, str):
                 import os
 
-                if os.path.getsize(source) == 0:
+                if os.path.isfile(source) and os.path.getsize(source) == 0:
                     raise DecodeError("empty", "the file is empty (0 bytes)") from exc
             raise DecodeError("not_an_image", f"not an image PIL can read ({type(exc).__name__}: {exc})") from exc
     if img.width * img.height > max_pixels:

@@ -375,7 +375,7 @@ class BackboneSpec:
             warnings.warn(f"create_backbone({flag}=...) is deprecated; pass parts=... (the optional parts to "
                           f"include, e.g. parts=() for none)", DeprecationWarning, stacklevel=4)
             keep = overrides.pop(flag)
-            current = set(overrides.get("parts") or (self.parts if self.config is not None else ()))
+            current = set(overrides["parts"]) if overrides.get("parts") is not None else set(self.parts)
             if part in (self.config.optional_parts(self.features) if self.config is not None else ()):
                 current = current | {part} if keep else current - {part}
             overrides["parts"] = frozenset(current)

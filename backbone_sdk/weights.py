@@ -240,9 +240,9 @@ def _convert(backbone, state: dict[str, torch.Tensor], weights_format: str | Non
         overlap = sum(k in native for k in state) / max(len(state), 1)
         if overlap >= 0.9:
             return state, "native"
-    from .registry import default_registry
+    from .registry import active_registry
 
-    result = default_registry.convert_checkpoint(backbone.spec, state, weights_format)
+    result = active_registry().convert_checkpoint(backbone.spec, state, weights_format)
     if result is not None:
         return result
     if weights_format is not None:
@@ -254,8 +254,9 @@ def _convert(backbone, state: dict[str, torch.Tensor], weights_format: str | Non
 
 
 def _lossy_cast(src: torch.dtype, dst: torch.dtype) -> bool:
-    """Integer/bool values into floating parameters (or float into integer buffers) are no weights."""
-    return (src.is_floating_point or src.is_complex) != (dst.is_floating_point or dst.is_complex)
+    """Integer/bool values into floating parameters are no weights (float into integer buffers such
+    as ``num_batches_tracked`` is what ``.half()`` checkpoints hold, and is allowed)."""
+    return not (src.is_floating_point or src.is_complex) and (dst.is_floating_point or dst.is_complex)
 
 
 def compare_keys(backbone, state: Mapping[str, torch.Tensor]):

@@ -171,3 +171,77 @@ def test_transformers_directory_prints_nothing(tmp_path, capfd):
     loaded = bs.create_backbone("vit_test", weights=str(tmp_path))
     out, err = capfd.readouterr()
     assert loaded.load_report.exact and out == "", out[:500]
+
+
+def test_half_precision_state_dict_still_loads(state):
+    model = bs.create_backbone("resnet_test", weights={k: v.half() if v.is_floating_point() or
+                                                       k.endswith("num_batches_tracked") else v for k, v in state.items()})
+    assert model.load_report.exact
+
+
+def test_legacy_flags_with_empty_parts():
+    assert bs.get_spec("vit_test").with_config(with_pyramid=False).parts == frozenset()
+    clip = bs.get_spec("clip_test")
+    with pytest.warns(DeprecationWarning):
+        assert clip.with_config(parts=(), with_text=True).parts == {"text"}
+
+
+def test_conversion_uses_the_active_registry(register_plugin):
+    import types
+
+    conv = types.SimpleNamespace()
+
+    @bs.hookimpl
+    def register_backbones(registry):
+        registry.add(bs.BackboneSpec(name="toy_iso", family="toy", builder=_Toy,
+                                     features=[bs.FeatureInfo("out", 4, 2)], embed_dim=4))
+
+    @bs.hookimpl
+    def convert_checkpoint(spec, state_dict, source_format):
+        return ({"conv.weight": state_dict["legacy.w"], "conv.bias": state_dict["legacy.b"]}, "legacy") \
+            if "legacy.w" in state_dict else None
+
+    conv.register_backbones, conv.convert_checkpoint = register_backbones, convert_checkpoint
+    register_plugin(conv, "iso")
+    ref = bs.create_backbone("toy_iso")
+    model = bs.create_backbone("toy_iso", weights={"legacy.w": ref.conv.weight.detach(), "legacy.b": ref.conv.bias.detach()})
+    assert model.load_report.format == "legacy"
+
+
+class _Toy(bs.Backbone):
+    def __init__(self, spec):
+        super().__init__(spec)
+        self.conv = torch.nn.Conv2d(3, 4, 3, stride=2, padding=1)
+
+    def _features(self, images, levels):
+        return {"out": self.conv(images)}
+
+
+def test_max_pixels_above_pil_default(tmp_path):
+    from PIL import Image
+
+    from backbone_sdk.imageio import decode_image
+
+    Image.new("1", (10000, 9000)).save(tmp_path / "big.png")
+    assert decode_image(str(tmp_path / "big.png"), max_pixels=200_000_000).array.shape == (9000, 10000, 3)
+
+
+def test_claims_live_owner_kept_empty_lock_retaken_release_only_own(tmp_path):
+    import json
+    import os
+    import socket
+
+    from backbone_sdk.extraction.store import Layout, claim, release
+
+    layout = Layout(tmp_path)
+    layout.make_dirs()
+    lock = layout.lock(0)
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getppid(), "time": 0}))
+    assert not claim(layout, 0, stale_after=1)  # alive on this host: never stale
+    release(layout, 0)
+    assert lock.exists()  # not ours: left alone
+    lock.write_text("")
+    os.utime(lock, (0, 0))
+    assert claim(layout, 0, stale_after=1)  # an empty claim falls back to the file's age
+    release(layout, 0)
+    assert not lock.exists()

@@ -370,9 +370,25 @@ def prepare(inputs, output, settings: ExtractionSettings, *, overwrite: bool = F
         if not layout.manifest.is_file():
             _write_manifest(layout, inputs, settings.shard_size)
     else:
-        _wait_for(layout.manifest)
-        _prepare_output(layout, info, overwrite=False)
+        _wait_for_config(layout, info)
     return layout, info
+
+
+def _wait_for_config(layout: Layout, info: dict, timeout: float = 3600.0) -> None:
+    """Ranks other than 0: wait until rank 0 has written this run's config and manifest."""
+    start = time.time()
+    while True:
+        try:
+            current = json.loads(layout.config.read_text())
+        except (OSError, ValueError):
+            current = None
+        if current is not None and all(current.get(k) == info.get(k) for k in FINGERPRINT) \
+                and layout.manifest.is_file():
+            return
+        if time.time() - start > timeout:
+            raise ExtractionError(f"waited {timeout:.0f} s for rank 0 to prepare {layout.root} for this extraction "
+                                  "(its extraction.json differs, or rank 0 did not start); check the ranks' settings")
+        time.sleep(0.2)
 
 
 def run(inputs, output: str | os.PathLike, settings: ExtractionSettings = ExtractionSettings(), *,

@@ -100,10 +100,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _stale(owner: dict, stale_after: float) -> bool:
-    if owner.get("host") == socket.gethostname() and not _alive(int(owner.get("pid", -1))):
-        return True
-    return time.time() - float(owner.get("time", 0)) > stale_after
+def _stale(owner: dict, stale_after: float, mtime: float) -> bool:
+    """A claim of a dead process on this host, or (other hosts, unreadable claims) older than ``stale_after``."""
+    if owner.get("host") == socket.gethostname():
+        return not _alive(int(owner.get("pid", -1)))
+    return time.time() - float(owner.get("time", mtime)) > stale_after
 
 
 def claim(layout: Layout, shard: int, stale_after: float) -> bool:
@@ -115,15 +116,25 @@ def claim(layout: Layout, shard: int, stale_after: float) -> bool:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             try:
+                judged = os.stat(path)
                 owner = json.loads(path.read_text() or "{}")
+            except FileNotFoundError:
+                continue
             except (OSError, ValueError):
                 owner = {}
-            if not owner or not _stale(owner, stale_after):
+            if not _stale(owner, stale_after, judged.st_mtime):
                 return False
-            aside = path.with_name(f"{path.name}.stale-{os.getpid()}")
+            aside = path.with_name(f"{path.name}.stale-{socket.gethostname()}-{os.getpid()}")
             try:
-                os.rename(path, aside)  # only one of several takers wins this rename
+                os.rename(path, aside)
             except FileNotFoundError:
+                return False
+            if os.stat(aside).st_ino != judged.st_ino:  # another taker replaced it meanwhile: put it back
+                try:
+                    os.link(aside, path)
+                except FileExistsError:
+                    pass
+                aside.unlink(missing_ok=True)
                 return False
             aside.unlink(missing_ok=True)
             continue
@@ -134,7 +145,14 @@ def claim(layout: Layout, shard: int, stale_after: float) -> bool:
 
 
 def release(layout: Layout, shard: int) -> None:
-    layout.lock(shard).unlink(missing_ok=True)
+    """Remove this process's claim (never another process's)."""
+    path = layout.lock(shard)
+    try:
+        owner = json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        return
+    if owner.get("host") == socket.gethostname() and owner.get("pid") == os.getpid():
+        path.unlink(missing_ok=True)
 
 
 # -- checking and reading ------------------------------------------------------------------------------
