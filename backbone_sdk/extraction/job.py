@@ -162,14 +162,6 @@ def _write_manifest(layout: Layout, inputs, shard_size: int) -> int:
     return count
 
 
-def _wait_for(path: Path, timeout: float = 3600.0) -> None:
-    start = time.time()
-    while not path.is_file():
-        if time.time() - start > timeout:
-            raise ExtractionError(f"waited {timeout:.0f} s for rank 0 to write {path}")
-        time.sleep(0.2)
-
-
 # -- decoding ----------------------------------------------------------------------------------------
 class _ShardImages(torch.utils.data.Dataset):
     """Manifest rows of one shard -> ``(row, pixels or None, status, error, width, height)``."""
