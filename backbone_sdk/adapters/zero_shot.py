@@ -1,7 +1,10 @@
-"""CLIP zero-shot classification and image-text similarity on any backbone with a text tower.
+"""Zero-shot classification and image-text similarity on any backbone with a text tower.
 
 Works with every backbone whose spec has the ``"text"`` capability (``spec.has("text")``): the
-capability's contract is ``embed(images)``, ``embed_text(texts)`` and ``logit_scale``.
+capability's contract is ``embed(images)``, ``embed_text(texts)`` and ``logit_scale``, and for
+sigmoid-trained models (SigLIP) a ``logit_bias``. Logits are
+``exp(logit_scale) * cos(image, text) (+ logit_bias)``; probabilities are a softmax over the classes
+for CLIP-style models and an independent sigmoid per class for models with a ``logit_bias``.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from torch import nn
 
 from ..backbone import Backbone
 
-__all__ = ["DEFAULT_TEMPLATES", "ZeroShotClassifier", "similarity", "text_classifier"]
+__all__ = ["DEFAULT_TEMPLATES", "ZeroShotClassifier", "is_sigmoid", "similarity", "text_classifier"]
 
 #: A small prompt ensemble in the style of the CLIP paper's ImageNet prompts.
 DEFAULT_TEMPLATES = (
@@ -32,9 +35,20 @@ DEFAULT_TEMPLATES = (
 def _require_text(backbone: Backbone) -> None:
     if not backbone.spec.has("text"):
         raise TypeError(
-            f"{backbone.spec.name} has no text tower; zero-shot classification needs a CLIP backbone "
+            f"{backbone.spec.name} has no text tower; zero-shot classification needs a backbone with a text tower "
             f"(e.g. {', '.join(n for n in _text_backbones()[:3])})."
         )
+
+
+def _logits(backbone: Backbone, cosine: torch.Tensor) -> torch.Tensor:
+    logits = backbone.logit_scale.exp().float() * cosine
+    bias = getattr(backbone, "logit_bias", None)
+    return logits if bias is None else logits + bias.float()
+
+
+def is_sigmoid(backbone: Backbone) -> bool:
+    """Whether the backbone scores image-text pairs with a sigmoid (it has a ``logit_bias``), as SigLIP."""
+    return getattr(backbone, "logit_bias", None) is not None
 
 
 def _text_backbones() -> list[str]:
@@ -59,7 +73,7 @@ def text_classifier(backbone: Backbone, class_names: Sequence[str], templates: S
 
 
 class ZeroShotClassifier(nn.Module):
-    """``logits = exp(logit_scale) * normalize(embed(images)) @ class_weights.T``.
+    """``logits = exp(logit_scale) * normalize(embed(images)) @ class_weights.T (+ logit_bias)``.
 
     Text embeddings are computed once at construction (prompt ensembling) and cached as a buffer;
     call :meth:`set_classes` to change classes.
@@ -77,20 +91,23 @@ class ZeroShotClassifier(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         image = F.normalize(self.backbone.embed(images).float(), dim=-1)
-        return self.backbone.logit_scale.exp().float() * image @ self.class_weights.T.to(image.device)
+        return _logits(self.backbone, image @ self.class_weights.T.to(image.device))
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, top_k: int = 1) -> tuple[torch.Tensor, list[list[str]]]:
-        """Top-``k`` probabilities ``[B, k]`` and class names per image."""
-        probs = self(images).softmax(dim=-1)
+        """Top-``k`` probabilities ``[B, k]`` and class names per image (softmax over the classes; for
+        sigmoid models such as SigLIP each class's own sigmoid probability)."""
+        logits = self(images)
+        probs = logits.sigmoid() if is_sigmoid(self.backbone) else logits.softmax(dim=-1)
         values, index = probs.topk(min(top_k, len(self.class_names)), dim=-1)
         return values, [[self.class_names[i] for i in row] for row in index.tolist()]
 
 
 @torch.no_grad()
-def similarity(backbone: Backbone, images: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
-    """Scaled cosine similarity ``[num_images, num_texts]`` (CLIP's ``logits_per_image``)."""
+def similarity(backbone: Backbone, images: torch.Tensor, texts: Sequence[str] | torch.Tensor) -> torch.Tensor:
+    """Image-text logits ``[num_images, num_texts]`` (CLIP's / SigLIP's ``logits_per_image``); ``texts`` are
+    strings or the backbone's token ids."""
     _require_text(backbone)
     image = F.normalize(backbone.embed(images).float(), dim=-1)
-    text = F.normalize(backbone.embed_text(list(texts)).float(), dim=-1)
-    return backbone.logit_scale.exp().float() * image @ text.T
+    text = F.normalize(backbone.embed_text(texts if isinstance(texts, torch.Tensor) else list(texts)).float(), dim=-1)
+    return _logits(backbone, image @ text.T)

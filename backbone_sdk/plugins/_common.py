@@ -12,7 +12,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ..layers.convert import has_keys, rename, split_qkv, strip_prefixes
 
-__all__ = ["run", "hf_model", "read_hf_pretrained", "has_keys", "rename", "split_qkv", "strip_prefixes"]
+__all__ = ["run", "hf_model", "read_hf_pretrained", "hf_checkpointing", "TextCheckpointing", "token_ids", "has_keys", "rename", "split_qkv",
+           "strip_prefixes"]
 
 SDPA = "sdpa"
 
@@ -68,3 +69,49 @@ def read_hf_pretrained(inner: nn.Module, directory: str, prefix: str = "model.")
                                                  for m in info.get("mismatched_keys", ())}
     ours = inner.state_dict()
     return {f"{prefix}{k}": v for k, v in loaded.state_dict().items() if k in ours and k not in absent}
+
+
+def hf_checkpointing(module: nn.Module, enable: bool) -> None:
+    """Switch transformers' own activation checkpointing of ``module`` (a text tower) on or off."""
+    if not hasattr(module, "activation_checkpointing_enable"):  # transformers < 5.x
+        if enable:
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            module.gradient_checkpointing_disable()
+    elif enable:
+        module.activation_checkpointing_enable()
+    else:
+        module.activation_checkpointing_disable()
+
+
+def token_ids(name: str, texts, context_length: int, tokenize) -> torch.Tensor:
+    """``[B, L]`` integer token ids from strings (through ``tokenize(list_of_texts)``) or from ids a
+    caller made (``[L]`` or ``[B, L]``, ``L <= context_length``); anything else is a clear error."""
+    if isinstance(texts, torch.Tensor):
+        tokens = texts.unsqueeze(0) if texts.dim() == 1 else texts
+        if tokens.dim() != 2 or tokens.is_floating_point() or tokens.shape[1] > context_length:
+            raise ValueError(
+                f"{name} takes token ids of shape [B, L] (integer, L <= {context_length}), got "
+                f"{tuple(texts.shape)} {texts.dtype}; make them with model.tokenize(texts)."
+            )
+        return tokens
+    if isinstance(texts, str):
+        texts = [texts]
+    if not texts:
+        raise ValueError("embed_text() needs at least one text")
+    return tokenize(list(texts))
+
+
+class TextCheckpointing:
+    """Mixin for backbones whose ``self.model.text_model`` is a transformers text tower (or ``None``):
+    gradient checkpointing covers the vision blocks (the base class) and the text blocks (transformers)."""
+
+    text_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        super().set_grad_checkpointing(enable)
+        text = self.model.text_model
+        if text is None or self.text_checkpointing == enable:
+            return
+        self.text_checkpointing = enable
+        hf_checkpointing(text, enable)

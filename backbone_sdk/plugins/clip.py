@@ -40,7 +40,7 @@ from ..errors import CheckpointError, UnsupportedOperationError
 from ..hookspecs import hookimpl
 from ..specs import CLIP_MEAN, CLIP_STD, BackboneSpec, InputSpec, divides, positive
 from . import _clip_tokenizer
-from ._common import has_keys, hf_model, rename, split_qkv, strip_prefixes
+from ._common import TextCheckpointing, has_keys, hf_model, rename, split_qkv, strip_prefixes, token_ids
 from ._plainvit import PlainViT, PlainViTConfig
 
 FAMILY = "clip"
@@ -98,7 +98,7 @@ class _VisionStem(nn.Module):
         return self.pre_layrnorm(self.embeddings(images, interpolate_pos_encoding=True))
 
 
-class CLIP(PlainViT):
+class CLIP(TextCheckpointing, PlainViT):
     """transformers ``CLIPModel`` (weights under ``model.``) behind the backbone_sdk interface."""
 
     def __init__(self, spec: BackboneSpec):
@@ -119,7 +119,6 @@ class CLIP(PlainViT):
             self.model.text_projection = None
             self.model.logit_scale = None
         self.__dict__["_stem"] = _VisionStem(self.model.vision_model)
-        self.text_checkpointing = False
 
     # -- image tower (PlainViT hooks) -----------------------------------------------------------
     @property
@@ -177,19 +176,7 @@ class CLIP(PlainViT):
         return self.model.text_projection(pooled)
 
     def _as_tokens(self, texts) -> torch.Tensor:
-        if isinstance(texts, torch.Tensor):
-            tokens = texts.unsqueeze(0) if texts.dim() == 1 else texts
-            if tokens.dim() != 2 or tokens.is_floating_point() or tokens.shape[1] > self.context_length:
-                raise ValueError(
-                    f"{self.spec.name} takes token ids of shape [B, L] (integer, L <= {self.context_length}), got "
-                    f"{tuple(texts.shape)} {texts.dtype}; make them with model.tokenize(texts)."
-                )
-        else:
-            if isinstance(texts, str):
-                texts = [texts]
-            if not texts:
-                raise ValueError("embed_text() needs at least one text")
-            tokens = self.tokenize(list(texts))
+        tokens = token_ids(self.spec.name, texts, self.context_length, self.tokenize)
         return tokens.to(self.model.text_projection.weight.device)
 
     # -- training support ---------------------------------------------------------------------
@@ -197,23 +184,6 @@ class CLIP(PlainViT):
         """The image stem's tokens and position table, the text position table and ``logit_scale``."""
         text = {n for n, _ in self.named_parameters() if n.startswith("model.text_model.embeddings.position")}
         return super().no_weight_decay() | text | ({"model.logit_scale"} if self.with_text else set())
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Checkpoint the vision blocks (always) and the text blocks (in training mode, via transformers)."""
-        super().set_grad_checkpointing(enable)
-        text = self.model.text_model
-        if text is None or self.text_checkpointing == enable:
-            return
-        self.text_checkpointing = enable
-        if not hasattr(text, "activation_checkpointing_enable"):  # transformers < 5.x
-            if enable:
-                text.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                text.gradient_checkpointing_disable()
-        elif enable:
-            text.activation_checkpointing_enable()
-        else:
-            text.activation_checkpointing_disable()
 
 
 def _tower(cfg: CLIPConfig, prefix: str, **extra) -> dict:
