@@ -421,12 +421,18 @@ class Tokens:
     ``patches``: ``[B, N, D]`` with ``N = grid[0] * grid[1]`` in row-major order; ``cls``: ``[B, D]``
     or ``None``; ``registers``: ``[B, R, D]`` (the prefix tokens after CLS: DeiT's distillation token,
     DINOv2 registers) or ``None``. For CNNs, ``patches`` is the flattened feature map.
+
+    Padded batches of images with different patch grids (SigLIP 2 NaFlex) also carry ``mask``
+    (``[B, N]`` bool, ``True`` for real tokens) and ``grids`` (each image's grid); their ``grid`` is
+    ``None`` unless all images share one.
     """
 
     patches: Any
-    grid: tuple[int, int]
+    grid: tuple[int, int] | None
     cls: Any = None
     registers: Any = None
+    mask: Any = None
+    grids: list[tuple[int, int]] | None = None
 
 
 def config_fields(config: BackboneConfig | Mapping | None) -> dict[str, Any]:

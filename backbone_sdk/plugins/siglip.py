@@ -106,8 +106,6 @@ class SigLIP(TextCheckpointing, PlainViT):
         super().__init__(spec)
         cfg: SigLIPConfig = spec.config
         self.with_text = TEXT in spec.parts
-        from transformers import SiglipConfig as HFConfig, SiglipModel
-
         common = dict(hidden_act="gelu_pytorch_tanh", layer_norm_eps=cfg.layer_norm_eps)
         vision = dict(hidden_size=cfg.dim, intermediate_size=cfg.mlp_dim, num_hidden_layers=cfg.depth,
                       num_attention_heads=cfg.heads, image_size=cfg.pos_embed_size, patch_size=cfg.patch_size,
@@ -116,7 +114,7 @@ class SigLIP(TextCheckpointing, PlainViT):
                     num_attention_heads=cfg.text_heads, vocab_size=cfg.vocab_size, projection_size=cfg.dim,
                     max_position_embeddings=cfg.context_length, pad_token_id=1, eos_token_id=1, bos_token_id=None,
                     **common)
-        self.model = hf_model(SiglipModel, HFConfig(vision_config=vision, text_config=text))
+        self.model = self._build_model(cfg, vision, text)
         with torch.no_grad():
             self.model.logit_scale.fill_(LOGIT_SCALE_INIT)
             self.model.logit_bias.fill_(LOGIT_BIAS_INIT)
@@ -127,6 +125,11 @@ class SigLIP(TextCheckpointing, PlainViT):
         self.pos_embed_antialias = cfg.pos_embed_antialias
         self._tokenizer = None
         self._tokenizer_source: str | None = None
+
+    def _build_model(self, cfg, vision: dict, text: dict):
+        from transformers import SiglipConfig as HFConfig, SiglipModel
+
+        return hf_model(SiglipModel, HFConfig(vision_config=vision, text_config=text))
 
     # -- image tower (PlainViT hooks) -----------------------------------------------------------
     @property
