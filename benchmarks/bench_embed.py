@@ -36,6 +36,8 @@ VARIANTS = {
     "swin": ("swin_tiny_patch4_window7_224", "swin_test"),
     "dinov2": ("dinov2_vits14", "dinov2_test"),
     "clip": ("clip_vitb16", "clip_test"),
+    "siglip": ("siglip2_vitb16_224", "siglip_test"),
+    "siglip2_naflex": ("siglip2_vitb16_naflex", "siglip2_naflex_test"),
 }
 TOLERANCE = 1e-4
 
@@ -72,21 +74,40 @@ def raw_clip(model):
     return forward
 
 
+def raw_siglip(model):
+    hf = copy.deepcopy(model.model)
+    return lambda x: hf.vision_model(pixel_values=x, interpolate_pos_encoding=True).pooler_output
+
+
+def raw_siglip2_naflex(model):
+    from backbone_sdk.plugins.siglip2 import patchify
+
+    hf, p = copy.deepcopy(model.model), model.patch_size
+
+    def forward(x):
+        b, _, h, w = x.shape
+        shapes = torch.tensor([[h // p, w // p]] * b)
+        mask = torch.ones(b, (h // p) * (w // p), dtype=torch.long)
+        return hf.vision_model(pixel_values=patchify(x, p), pixel_attention_mask=mask, spatial_shapes=shapes).pooler_output
+
+    return forward
+
+
 # -- peers: same architecture in the reference library, random weights -----------------------------
 def peer_resnet(spec):
     cfg = spec.config
-    bottleneck = cfg["block"] == "bottleneck"
-    planes = tuple(w // 4 for w in cfg["widths"]) if bottleneck else tuple(cfg["widths"])
-    if cfg["stem_width"] == 64 and planes == (64, 128, 256, 512):
+    bottleneck = cfg.block == "bottleneck"
+    planes = tuple(w // 4 for w in cfg.widths) if bottleneck else tuple(cfg.widths)
+    if cfg.stem_width == 64 and planes == (64, 128, 256, 512):
         from torchvision.models import resnet as tv
 
-        net = tv.ResNet(tv.Bottleneck if bottleneck else tv.BasicBlock, list(cfg["depths"]))
+        net = tv.ResNet(tv.Bottleneck if bottleneck else tv.BasicBlock, list(cfg.depths))
         net.fc = nn.Identity()
         return "torchvision", net
     from timm.models import resnet as tm  # torchvision fixes the stem and widths; timm does not
 
     block = tm.Bottleneck if bottleneck else tm.BasicBlock
-    return "timm", tm.ResNet(block, cfg["depths"], num_classes=0, stem_width=cfg["stem_width"], channels=planes)
+    return "timm", tm.ResNet(block, cfg.depths, num_classes=0, stem_width=cfg.stem_width, channels=planes)
 
 
 def peer_vit(spec):
@@ -94,7 +115,7 @@ def peer_vit(spec):
 
     cfg = spec.config
     return "timm", VisionTransformer(img_size=spec.input.image_size, patch_size=spec.input.patch_size,
-                                     embed_dim=cfg["dim"], depth=cfg["depth"], num_heads=cfg["heads"], num_classes=0)
+                                     embed_dim=cfg.dim, depth=cfg.depth, num_heads=cfg.heads, num_classes=0)
 
 
 def peer_swin(spec):
@@ -102,16 +123,16 @@ def peer_swin(spec):
 
     cfg = spec.config
     return "timm", SwinTransformer(img_size=spec.input.image_size, patch_size=spec.input.patch_size,
-                                   embed_dim=cfg["embed_dim"], depths=cfg["depths"], num_heads=cfg["heads"],
-                                   window_size=cfg["window"], num_classes=0)
+                                   embed_dim=cfg.embed_dim, depths=cfg.depths, num_heads=cfg.heads,
+                                   window_size=cfg.window, num_classes=0)
 
 
 def peer_dinov2(spec):
     from timm.models.vision_transformer import VisionTransformer
 
     cfg = spec.config  # like timm's vit_*_patch14_dinov2: table at the native size, resampled per input
-    return "timm", VisionTransformer(img_size=cfg["pos_embed_size"], patch_size=spec.input.patch_size,
-                                     embed_dim=cfg["dim"], depth=cfg["depth"], num_heads=cfg["heads"],
+    return "timm", VisionTransformer(img_size=cfg.pos_embed_size, patch_size=spec.input.patch_size,
+                                     embed_dim=cfg.dim, depth=cfg.depth, num_heads=cfg.heads,
                                      init_values=1e-5, dynamic_img_size=True, num_classes=0)
 
 
@@ -120,12 +141,35 @@ def peer_clip(spec):
 
     cfg = spec.config
     return "open_clip", VisionTransformer(image_size=spec.input.image_size[0], patch_size=spec.input.patch_size,
-                                          width=cfg["dim"], layers=cfg["depth"], heads=cfg["heads"], mlp_ratio=4.0,
-                                          output_dim=cfg["projection_dim"], act_layer=QuickGELU)
+                                          width=cfg.dim, layers=cfg.depth, heads=cfg.heads, mlp_ratio=4.0,
+                                          output_dim=cfg.projection_dim, act_layer=QuickGELU)
 
 
-RAW = {"resnet": raw_resnet, "vit": raw_vit, "swin": raw_swin, "dinov2": raw_dinov2, "clip": raw_clip}
-PEER = {"resnet": peer_resnet, "vit": peer_vit, "swin": peer_swin, "dinov2": peer_dinov2, "clip": peer_clip}
+def peer_siglip(spec):
+    from timm.models.vision_transformer import VisionTransformer
+
+    cfg = spec.config  # like timm's vit_*_siglip_*: no CLS, MAP head, tanh GELU
+    return "timm", VisionTransformer(img_size=spec.input.image_size, patch_size=spec.input.patch_size,
+                                     embed_dim=cfg.dim, depth=cfg.depth, num_heads=cfg.heads,
+                                     mlp_ratio=cfg.mlp_dim / cfg.dim, class_token=False, global_pool="map",
+                                     act_layer="gelu_tanh", dynamic_img_size=True, num_classes=0)
+
+
+def peer_siglip2_naflex(spec):
+    from timm.models.naflexvit import NaFlexVit, NaFlexVitCfg
+
+    cfg = spec.config  # like timm's naflexvit_*_siglip
+    net_cfg = NaFlexVitCfg(patch_size=spec.input.patch_size, embed_dim=cfg.dim, depth=cfg.depth,
+                           num_heads=cfg.heads, mlp_ratio=cfg.mlp_dim / cfg.dim, act_layer="gelu_tanh",
+                           global_pool="map", pos_embed_interp_mode="bilinear",
+                           pos_embed_grid_size=(cfg.pos_grid, cfg.pos_grid))
+    return "timm", NaFlexVit(net_cfg, num_classes=0, img_size=spec.input.image_size)
+
+
+RAW = {"resnet": raw_resnet, "vit": raw_vit, "swin": raw_swin, "dinov2": raw_dinov2, "clip": raw_clip,
+       "siglip": raw_siglip, "siglip2_naflex": raw_siglip2_naflex}
+PEER = {"resnet": peer_resnet, "vit": peer_vit, "swin": peer_swin, "dinov2": peer_dinov2, "clip": peer_clip,
+        "siglip": peer_siglip, "siglip2_naflex": peer_siglip2_naflex}
 
 
 # -- timing ----------------------------------------------------------------------------------------
