@@ -57,14 +57,29 @@ def list_cmd(pattern: str, include_test: bool) -> None:
                                    + ("" if include_test else " (add --tests for test variants)"))
 
 
-def _param_count(name: str) -> int:
+def _param_counts(name: str) -> dict[str, int]:
+    """Parameters of the trunk alone (``"backbone"``: no optional part) and of each optional part the
+    default build includes, from builds on the meta device (shapes only: no memory, no init cost)."""
     import torch
 
     from .factory import create_backbone
 
-    with torch.device("meta"):  # shapes only: no memory, no init cost
-        model = create_backbone(name)
-    return sum(p.numel() for p in model.parameters())
+    def count(**overrides):
+        with torch.device("meta"):
+            return sum(p.numel() for p in create_backbone(name, **overrides).parameters())
+
+    spec = get_spec(name)
+    counts = {"backbone": count(parts=())}
+    for part in sorted(spec.parts):
+        counts[part] = count(parts=(part,)) - counts["backbone"]
+    return counts
+
+
+def _human(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return str(n)
 
 
 @main.command()
@@ -78,7 +93,10 @@ def info(name: str) -> None:
     click.echo(f"  input: {inp.image_size[0]}x{inp.image_size[1]}, mean {inp.mean}, std {inp.std}, "
                f"patch {inp.patch_size or '-'}, H/W divisible by {inp.size_divisibility}")
     click.echo(f"  embed dim: {spec.embed_dim}")
-    click.echo(f"  parameters: {_param_count(name) / 1e6:.2f} M")
+    counts = _param_counts(name)
+    parts = "".join(f" + {part} {_human(n)}" for part, n in counts.items() if part != "backbone")
+    total = f" = {_human(sum(counts.values()))} total" if parts else ""
+    click.echo(f"  parameters: {_human(counts['backbone'])} backbone{parts}{total}")
     click.echo("  feature levels (name, stride, channels):")
     for f in spec.features:
         click.echo(f"    {f.name:10s} {f.stride:4d} {f.channels:6d}")

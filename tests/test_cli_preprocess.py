@@ -87,6 +87,19 @@ def test_info_parameter_count_matches_real_model():
     assert f"{count / 1e6:.2f} M" in out
 
 
+def test_info_splits_parameters_into_backbone_and_optional_parts():
+    """The trunk alone (what published counts state, e.g. SigLIP so400m's ~428 M image tower) and each
+    optional part of the default build, with the total; small models are not rounded to 0.00 M."""
+    def count(**kw):
+        return sum(p.numel() for p in bs.create_backbone("siglip_test", **kw).parameters())
+
+    out = CliRunner().invoke(main, ["info", "siglip_test"]).output
+    trunk, neck, text = count(parts=()), count(parts=("neck",)), count(parts=("text",))
+    total = count(parts=("neck", "text"))
+    assert f"{trunk / 1e3:.2f} K backbone + neck {(neck - trunk) / 1e3:.2f} K + text {(text - trunk) / 1e3:.2f} K" in out
+    assert f"= {total / 1e3:.2f} K total" in out
+
+
 @pytest.mark.parametrize("mode", ["crop", "resize", "pad"])
 def test_preprocess_inputs(mode):
     spec = bs.get_spec("resnet50")
