@@ -1,7 +1,9 @@
 """Vision towers and projectors for LLaVA-style multimodal LLMs (framework-neutral).
 
 A :class:`VisionTower` turns images into a ``[B, N, D]`` token sequence taken from one layer of
-any registered backbone; :func:`build_projector` maps those tokens to the LLM's hidden size.
+any registered backbone (or several layers, concatenated or summed; optionally with a ``s x s``
+pixel-shuffle merge of neighbouring patch tokens, :func:`pixel_shuffle`); :func:`build_projector`
+maps those tokens to the LLM's hidden size.
 :class:`backbone_sdk.integrations.llm.MultimodalLM` splices them into a transformers causal LM.
 
 >>> tower = VisionTower("dinov2_vits14", weights="hub")           # doctest: +SKIP
@@ -14,10 +16,11 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..backbone import Backbone
@@ -26,10 +29,12 @@ from ..factory import create_backbone
 from ..preprocess import preprocess
 from .finetune import FinetunePolicy, add_lora, apply_finetune
 
-__all__ = ["VisionTower", "build_projector", "tower_from_config", "PROJECTOR_TYPES"]
+__all__ = ["VisionTower", "build_projector", "pixel_shuffle", "tower_from_config", "PROJECTOR_TYPES", "LAYER_MERGES"]
 
 SELECT_FEATURES = ("patch", "cls_patch")
 IMAGE_ASPECTS = ("pad", "resize")
+#: how :class:`VisionTower` combines the layers of a list ``select_layer``
+LAYER_MERGES = ("concat", "sum")
 #: projector names understood by :func:`build_projector` (``mlp{N}x_gelu`` for any N >= 1)
 PROJECTOR_TYPES = ("linear", "identity", "mlp{N}x_gelu")
 
@@ -57,6 +62,40 @@ def build_projector(kind: str, in_dim: int, out_dim: int) -> nn.Module:
     raise ValueError(f"unknown projector {kind!r}; use 'linear', 'identity' or 'mlp{{N}}x_gelu' (e.g. 'mlp2x_gelu')")
 
 
+def pixel_shuffle(patches: torch.Tensor, grid: tuple[int, int], factor: int = 2) -> torch.Tensor:
+    """Space-to-depth merge of a patch-token grid: ``[B, h*w, D] -> [B, ceil(h/s)*ceil(w/s), s*s*D]``.
+
+    ``patches`` are in row-major order over ``grid = (h, w)`` (the :class:`~backbone_sdk.Tokens`
+    convention); the output is row-major over the ``ceil(h/s) x ceil(w/s)`` grid. Merged token
+    ``(i, j)`` holds the ``s x s`` block of tokens ``(s*i + dy, s*j + dx)``, block by block in
+    row-major order of the offsets::
+
+        out[b, i * W + j, (dy * s + dx) * D + d] == x[b, (s*i + dy) * w + (s*j + dx), d]
+
+    This is the channel order of Idefics3 / SmolVLM (``Idefics3Connector.pixel_shuffle`` in
+    transformers), which transformers' InternVL ``pixel_shuffle`` (InternVL's ``ps_version="v2"``)
+    equals on square grids; it is *not* ``torch.nn.functional.pixel_unshuffle`` / ``F.unfold``
+    order (``d * s*s + dy * s + dx``, channel-major, e.g. DeepSeek-VL2's downsample projector), and
+    not InternVL's ``ps_version="v1"`` (same channels, tokens in column-major order).
+    Grids with ``h`` or ``w`` not divisible by ``s`` are zero-padded at the bottom / right first
+    (as DeepSeek-VL2 does), so odd grids work: a 7x7 grid gives 4x4 merged tokens.
+    """
+    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+        raise InvalidOptionError(f"pixel_shuffle factor must be an integer >= 1, got {factor!r}")
+    b, n, d = patches.shape
+    h, w = grid
+    if n != h * w:
+        raise InputShapeError(f"pixel_shuffle got {n} tokens for a {h}x{w} grid; pass patch tokens only "
+                              "(no CLS / registers), row-major over the grid")
+    x = patches.reshape(b, h, w, d)
+    pad_h, pad_w = -h % factor, -w % factor
+    if pad_h or pad_w:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    gh, gw = (h + pad_h) // factor, (w + pad_w) // factor
+    x = x.reshape(b, gh, factor, gw, factor, d).permute(0, 1, 3, 2, 4, 5)  # [b, i, j, dy, dx, d]
+    return x.reshape(b, gh * gw, factor * factor * d)
+
+
 def _policy_text(policy) -> str | None:
     if policy is None:
         return None
@@ -82,13 +121,21 @@ def _lora_kwargs(lora) -> dict | None:
 
 
 class VisionTower(nn.Module):
-    """Image tokens ``[B, N, D]`` from one layer of a backbone, LLaVA style.
+    """Image tokens ``[B, N, D]`` from one or several layers of a backbone, LLaVA style.
 
     :param backbone: a registered name (built with ``weights`` and without optional parts: no
         pyramid neck, no text tower) or a :class:`~backbone_sdk.Backbone` instance.
     :param select_layer: the layer passed to ``backbone.tokens(layer=...)``: a block index for plain
         ViTs (``-2``, the LLaVA-1.5 default, is the output of the second-to-last block, before the
-        final norm), a stage index for ResNet/Swin (``-2`` = ``stage3``, stride 16).
+        final norm), a stage index for ResNet/Swin (``-2`` = ``stage3``, stride 16). A list
+        (e.g. ``[4, 8, -2]``) taps several layers in one forward pass that stops after the deepest;
+        they are combined by ``layer_merge``.
+    :param layer_merge: for a list ``select_layer``: ``"concat"`` the layers' tokens along the
+        channels, in list order (``hidden_size`` = sum of the widths; transformers' LLaVA with a
+        list ``vision_feature_layer``) or ``"sum"`` them (equal widths only). Layers at different
+        strides (ResNet / Swin stages) are average-pooled to the grid of the coarsest one
+        (``adaptive_avg_pool2d``: a plain ``k x k`` mean when the grids differ by a factor ``k``).
+        Prefix tokens are combined the same way: the output's CLS is the layers' CLS tokens merged.
     :param select_feature: ``"patch"`` (patch tokens only) or ``"cls_patch"`` (CLS first, then the
         patches; only for backbones with a CLS token).
     :param drop_registers: leave out register tokens (DINOv2 registers, DeiT's distillation token);
@@ -100,20 +147,30 @@ class VisionTower(nn.Module):
     :param image_aspect: how :meth:`prepare_images` fits raw images to ``image_size``: ``"pad"``
         (keep the aspect ratio, pad to square with the mean colour, as LLaVA-1.5) or ``"resize"``.
     :param image_size: input size for raw images (default: the spec's ``image_size``).
+    :param token_merge: ``s >= 1``: merge each ``s x s`` block of patch tokens into one of width
+        ``s*s*D`` (:func:`pixel_shuffle`: Idefics3 / SmolVLM channel order; odd grids zero-padded),
+        after ``layer_merge``, so ``num_tokens()`` drops about ``s*s``-fold. Prefix tokens (CLS with
+        ``"cls_patch"``, registers with ``drop_registers=False``) are not merged: each stays one token,
+        repeated ``s*s`` times along the channels to the same width. ``token_merge=2`` with
+        ``projector="mlp2x_gelu"`` is the InternVL / Idefics3 "pixel shuffle + MLP" connector.
 
     A tower with no trainable parameter runs the backbone under ``torch.no_grad()``: no autograd
     graph, no stored activations. The projector after it still trains.
     """
 
-    def __init__(self, backbone: Backbone | str, select_layer: int = -2, select_feature: str = "patch",
+    def __init__(self, backbone: Backbone | str, select_layer: int | Sequence[int] = -2, select_feature: str = "patch",
                  drop_registers: bool = True, finetune: Any = "frozen", image_aspect: str = "pad",
                  image_size: int | tuple[int, int] | None = None, lora: int | dict | None = None,
-                 weights: Any = None):
+                 weights: Any = None, layer_merge: str = "concat", token_merge: int = 1):
         super().__init__()
         if select_feature not in SELECT_FEATURES:
             raise InvalidOptionError(f"select_feature must be one of {SELECT_FEATURES}, got {select_feature!r}")
         if image_aspect not in IMAGE_ASPECTS:
             raise InvalidOptionError(f"image_aspect must be one of {IMAGE_ASPECTS}, got {image_aspect!r}")
+        if layer_merge not in LAYER_MERGES:
+            raise InvalidOptionError(f"layer_merge must be one of {LAYER_MERGES}, got {layer_merge!r}")
+        if isinstance(token_merge, bool) or not isinstance(token_merge, int) or token_merge < 1:
+            raise InvalidOptionError(f"token_merge must be an integer >= 1 (1 = no merge, 2 = 2x2), got {token_merge!r}")
         if isinstance(backbone, str):
             backbone = self._create(backbone, weights)
         elif weights is not None:
@@ -123,17 +180,24 @@ class VisionTower(nn.Module):
                 f"VisionTower needs a backbone_sdk.Backbone or a registered name, got {type(backbone).__name__}")
         self.backbone = backbone
         spec = backbone.spec
-        self.select_layer = select_layer
         self.select_feature = select_feature
         self.drop_registers = drop_registers
         self.image_aspect = image_aspect
         size = spec.input.image_size if image_size is None else image_size
         self.image_size = (size, size) if isinstance(size, int) else tuple(size)
-        depth = len(spec.features)
-        if isinstance(select_layer, bool) or not isinstance(select_layer, int) or not -depth <= select_layer < depth:
-            raise LayerIndexError(f"{spec.name} has {depth} {'blocks' if spec.plain else 'stages'}; select_layer must "
-                                  f"be in [-{depth}, {depth - 1}] (an index into feature_info), got {select_layer!r}")
-        self.level = spec.features[select_layer]
+        #: ``select_layer`` as given (a list stays a list: it is what :attr:`config` stores)
+        self.select_layer = list(select_layer) if isinstance(select_layer, (list, tuple)) else select_layer
+        #: the tapped layers as indices into ``feature_info``, in ``select_layer`` order
+        self.layers = self._layer_indices(spec, self.select_layer)
+        self.levels = tuple(spec.features[i] for i in self.layers)
+        #: the level whose grid the tokens are on (the coarsest tapped one)
+        self.level = max(self.levels, key=lambda level: level.stride)
+        self.layer_merge = layer_merge
+        self.token_merge = token_merge
+        widths = {level.name: level.channels for level in self.levels}
+        if layer_merge == "sum" and len(set(widths.values())) > 1:
+            raise InvalidOptionError(f"layer_merge='sum' needs layers of one width, but {spec.name}'s are {widths}; "
+                                     "use layer_merge='concat' or layers of equal width.")
         self.has_cls = spec.prefix_tokens.cls
         self.num_registers = spec.prefix_tokens.extra
         if select_feature == "cls_patch" and not self.has_cls:
@@ -149,6 +213,26 @@ class VisionTower(nn.Module):
             add_lora(backbone, **self.lora)
 
     @staticmethod
+    def _layer_indices(spec, select_layer) -> list[int]:
+        depth = len(spec.features)
+        layers = select_layer if isinstance(select_layer, list) else [select_layer]
+        bad = [x for x in layers if isinstance(x, bool) or not isinstance(x, int) or not -depth <= x < depth]
+        if bad or not layers:
+            raise LayerIndexError(f"{spec.name} has {depth} {'blocks' if spec.plain else 'stages'}; select_layer must "
+                                  f"be in [-{depth}, {depth - 1}] (an index into feature_info) or a non-empty list of "
+                                  f"such indices, got {select_layer!r}")
+        indices = [x % depth for x in layers]
+        if len(set(indices)) < len(indices):
+            raise LayerIndexError(f"select_layer={select_layer!r} names a layer of {spec.name} twice "
+                                  f"(indices {indices} of {depth}); list each layer once.")
+        return indices
+
+    @property
+    def multi_layer(self) -> bool:
+        """Whether ``select_layer`` is a list (even of one layer)."""
+        return isinstance(self.select_layer, list)
+
+    @staticmethod
     def _create(name: str, weights) -> Backbone:
         # no optional parts: a neck or text tower would be weights without gradients
         return create_backbone(name, weights=weights, parts=())
@@ -160,23 +244,30 @@ class VisionTower(nn.Module):
 
     @property
     def hidden_size(self) -> int:
-        """Width ``D`` of the tokens (the selected layer's channels; for CLIP the tower width, not
-        the projection width)."""
-        return self.level.channels
+        """Width ``D`` of the tokens: the selected layer's channels (for CLIP the tower width, not
+        the projection width); summed over the layers with ``layer_merge="concat"``; times
+        ``token_merge ** 2``."""
+        widths = [level.channels for level in self.levels]
+        width = sum(widths) if self.layer_merge == "concat" else widths[0]
+        return width * self.token_merge ** 2
 
     @property
     def config(self) -> dict:
         """JSON-friendly arguments that rebuild this tower (used by ``MultimodalLM.save_pretrained``)."""
-        return {"backbone": self.spec.name, "select_layer": self.select_layer, "select_feature": self.select_feature,
+        layers = list(self.select_layer) if self.multi_layer else self.select_layer
+        return {"backbone": self.spec.name, "select_layer": layers, "select_feature": self.select_feature,
                 "drop_registers": self.drop_registers, "finetune": self.finetune, "lora": self.lora,
-                "image_aspect": self.image_aspect, "image_size": list(self.image_size)}
+                "image_aspect": self.image_aspect, "image_size": list(self.image_size),
+                "layer_merge": self.layer_merge, "token_merge": self.token_merge}
 
     def grid(self, image_size=None) -> tuple[int, int]:
-        """Token grid of the selected layer for ``image_size`` pixel images (no forward pass)."""
+        """Grid of the output patch tokens for ``image_size`` pixel images (no forward pass): the
+        selected layer's (the coarsest one of a list), then ``ceil(/ token_merge)``."""
         h, w = self._size(image_size)
         stride = self.level.stride
         # the contract: every level is ceil(size / stride) (exact for patch models, which need H % patch == 0)
-        return math.ceil(h / stride), math.ceil(w / stride)
+        gh, gw = math.ceil(h / stride), math.ceil(w / stride)
+        return math.ceil(gh / self.token_merge), math.ceil(gw / self.token_merge)
 
     def num_tokens(self, image_size=None) -> int:
         """Tokens per image for ``image_size`` (default: the tower's), computed without running."""
@@ -249,18 +340,56 @@ class VisionTower(nn.Module):
         pixels = self.prepare_images(images)
         context = contextlib.nullcontext() if self.trainable else torch.no_grad()
         with context:
-            tokens = self.backbone.tokens(pixels, layer=self.select_layer)
-        parts = []
+            taps = self._taps(pixels)
+        prefix, patches, grid = self._combine(taps)
+        if self.token_merge > 1:
+            s = self.token_merge
+            patches = pixel_shuffle(patches, grid, s)
+            prefix = prefix.repeat(1, 1, s * s)
+        return torch.cat([prefix, patches], dim=1) if prefix.shape[1] else patches
+
+    def _taps(self, pixels: torch.Tensor) -> list:
+        """:class:`~backbone_sdk.Tokens` of each tapped layer, from one pass that stops at the deepest."""
+        bb = self.backbone
+        if not self.multi_layer:
+            return [bb.tokens(pixels, layer=self.select_layer)]
+        bb.check_images(pixels)
+        sequences = bb.run_layers(pixels, self.layers)
+        return [bb.split_tokens(sequences[i], bb.grid(pixels, i)) for i in self.layers]
+
+    def _prefix(self, tokens) -> torch.Tensor:
+        parts = [tokens.patches[:, :0]]
         if self.select_feature == "cls_patch":
             parts.append(tokens.cls[:, None])
         if not self.drop_registers and tokens.registers is not None:
             parts.append(tokens.registers)
-        parts.append(tokens.patches)
-        return torch.cat(parts, dim=1) if len(parts) > 1 else tokens.patches
+        return torch.cat(parts, dim=1)
+
+    def _combine(self, taps: list) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """``(prefix [B, P, D], patches [B, N, D], grid)``: the layers pooled to the coarsest grid and merged."""
+        if len(taps) == 1:
+            return self._prefix(taps[0]), taps[0].patches, tuple(taps[0].grid)
+        target = tuple(taps[self.levels.index(self.level)].grid)
+        patches = [_pool_tokens(t.patches, tuple(t.grid), target) for t in taps]
+        prefixes = [self._prefix(t) for t in taps]
+        if self.layer_merge == "concat":
+            return torch.cat(prefixes, dim=-1), torch.cat(patches, dim=-1), target
+        return sum(prefixes[1:], prefixes[0]), sum(patches[1:], patches[0]), target
 
     def extra_repr(self) -> str:
-        return (f"backbone={self.spec.name!r}, select_layer={self.select_layer}, "
+        merge = f", layer_merge={self.layer_merge!r}" if self.multi_layer else ""
+        merge += f", token_merge={self.token_merge}" if self.token_merge > 1 else ""
+        return (f"backbone={self.spec.name!r}, select_layer={self.select_layer}{merge}, "
                 f"select_feature={self.select_feature!r}, finetune={self.finetune!r}, lora={self.lora}")
+
+
+def _pool_tokens(patches: torch.Tensor, grid: tuple[int, int], target: tuple[int, int]) -> torch.Tensor:
+    """Row-major patch tokens on ``grid`` average-pooled to ``target`` (unchanged when equal)."""
+    if grid == target:
+        return patches
+    b, _, d = patches.shape
+    maps = patches.transpose(1, 2).reshape(b, d, *grid)
+    return F.adaptive_avg_pool2d(maps, target).flatten(2).transpose(1, 2)
 
 
 def tower_from_config(config: dict, weights: Any = None) -> VisionTower:

@@ -103,11 +103,18 @@ def llava_with_backbone(backbone: Backbone | VisionTower, lm: nn.Module, image_t
     from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
     if isinstance(backbone, VisionTower):
+        if backbone.multi_layer or backbone.token_merge != 1:
+            raise InvalidOptionError(
+                f"llava_with_backbone takes a tower with one select_layer and token_merge=1, got select_layer="
+                f"{backbone.select_layer}, token_merge={backbone.token_merge}; use MultimodalLM for multi-layer or "
+                "merged tokens.")
         select_layer = backbone.select_layer if select_layer is None else select_layer
         select_feature = backbone.select_feature if select_feature is None else select_feature
         drop_registers = backbone.drop_registers if drop_registers is None else drop_registers
         backbone = backbone.backbone
     select_layer = -2 if select_layer is None else select_layer
+    if isinstance(select_layer, bool) or not isinstance(select_layer, int):
+        raise InvalidOptionError(f"llava_with_backbone takes one select_layer (an int), got {select_layer!r}")
     select_feature = select_feature or "patch"
     drop_registers = True if drop_registers is None else drop_registers
     has_cls = backbone.spec.prefix_tokens.cls
