@@ -38,6 +38,7 @@ VARIANTS = {
     "clip": ("clip_vitb16", "clip_test"),
     "siglip": ("siglip2_vitb16_224", "siglip_test"),
     "siglip2_naflex": ("siglip2_vitb16_naflex", "siglip2_naflex_test"),
+    "aimv2": ("aimv2_large_patch14_224", "aimv2_test"),
 }
 TOLERANCE = 1e-4
 
@@ -91,6 +92,11 @@ def raw_siglip2_naflex(model):
         return hf.vision_model(pixel_values=patchify(x, p), pixel_attention_mask=mask, spatial_shapes=shapes).pooler_output
 
     return forward
+
+
+def raw_aimv2(model):
+    hf = copy.deepcopy(model.model)
+    return lambda x: hf(pixel_values=x).last_hidden_state.mean(dim=1)
 
 
 # -- peers: same architecture in the reference library, random weights -----------------------------
@@ -166,10 +172,18 @@ def peer_siglip2_naflex(spec):
     return "timm", NaFlexVit(net_cfg, num_classes=0, img_size=spec.input.image_size)
 
 
+def peer_aimv2(spec):
+    import timm
+
+    cfg = spec.config  # timm's aimv2_large_patch14_224 definition at this spec's width and depth
+    return "timm", timm.create_model("aimv2_large_patch14_224", pretrained=False, embed_dim=cfg.dim, depth=cfg.depth,
+                                     num_heads=cfg.heads, img_size=cfg.pos_embed_size, num_classes=0)
+
+
 RAW = {"resnet": raw_resnet, "vit": raw_vit, "swin": raw_swin, "dinov2": raw_dinov2, "clip": raw_clip,
-       "siglip": raw_siglip, "siglip2_naflex": raw_siglip2_naflex}
+       "siglip": raw_siglip, "siglip2_naflex": raw_siglip2_naflex, "aimv2": raw_aimv2}
 PEER = {"resnet": peer_resnet, "vit": peer_vit, "swin": peer_swin, "dinov2": peer_dinov2, "clip": peer_clip,
-        "siglip": peer_siglip, "siglip2_naflex": peer_siglip2_naflex}
+        "siglip": peer_siglip, "siglip2_naflex": peer_siglip2_naflex, "aimv2": peer_aimv2}
 
 
 # -- timing ----------------------------------------------------------------------------------------
