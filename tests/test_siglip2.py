@@ -165,3 +165,17 @@ def test_bad_naflex_inputs_are_explained():
         model.naflex_inputs([])
     with pytest.raises(TypeError, match="naflex_inputs"):
         model.naflex_tokens(torch.zeros(1, 3, 32, 32))
+
+
+def test_docs_siglip_examples_run(capsys):
+    """The examples of docs/vlm.md's SigLIP section are self-contained and print what they say."""
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "vlm.md").read_text()
+    section = doc.split("\n## SigLIP and SigLIP 2", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.DOTALL)
+    assert len(blocks) == 2
+    for block in blocks:
+        exec(compile(block, "docs/vlm.md", "exec"), {})
+    assert "[(3, 5), (7, 2)] torch.Size([2, 32])" in capsys.readouterr().out
