@@ -32,7 +32,17 @@ class _Group(click.Group):
             raise click.ClickException(str(exc)) from exc
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("backbone-sdk")
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        return "unknown"
+
+
 @click.group(cls=_Group)
+@click.version_option(_version(), "--version", prog_name="backbone-sdk")
 @click.option("-v", "--verbose", is_flag=True, help="Show log messages.")
 def main(verbose: bool) -> None:
     """One interface for vision backbones: list them, inspect them, extract embeddings."""
@@ -42,12 +52,25 @@ def main(verbose: bool) -> None:
 @main.command("list")
 @click.argument("pattern", default="*")
 @click.option("--tests/--no-tests", "include_test", default=False, help="Include tiny test variants.")
-def list_cmd(pattern: str, include_test: bool) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (one object per backbone).")
+def list_cmd(pattern: str, include_test: bool, as_json: bool) -> None:
     """List registered backbones matching PATTERN (a glob, e.g. 'vit_*')."""
     names = list_backbones(pattern, include_test=include_test)
-    for name in names:
+    if as_json:
+        rows = []
+        for name in names:
+            spec = get_spec(name)
+            rows.append({"name": name, "family": spec.family, "plugin": spec.plugin, "embed_dim": spec.embed_dim,
+                         "image_size": list(spec.input.image_size), "hub_id": spec.hub_id,
+                         "levels": [[f.name, f.stride, f.channels] for f in spec.features],
+                         "description": spec.description})
+        click.echo(json.dumps(rows, indent=2))
+    elif names:
+        click.echo(f"{'name':38s} {'family':15s} {'input':>9s} {'embed':>6s}  description")
+    for name in names if not as_json else ():
         spec = get_spec(name)
-        click.echo(f"{name:38s} {spec.family:8s} {spec.description}")
+        h, w = spec.input.image_size
+        click.echo(f"{name:38s} {spec.family:15s} {f'{h}x{w}':>9s} {spec.embed_dim:>6d}  {spec.description}")
     failed = [r.name for r in plugin_report() if r.error]
     if failed:
         click.echo(f"note: {len(failed)} plugin(s) failed to load ({', '.join(failed)}); "

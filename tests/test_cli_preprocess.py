@@ -138,3 +138,19 @@ def test_cli_list_notes_failed_plugins(register_plugin):
     assert record.error and "unknown hook" in record.error
     listed = CliRunner().invoke(main, ["list", "resnet*"])
     assert listed.exit_code == 0 and "1 plugin(s) failed to load (misspelled)" in listed.stderr
+
+
+def test_cli_version_list_header_and_json():
+    runner = CliRunner()
+    from importlib.metadata import version as installed
+
+    version = runner.invoke(main, ["--version"])
+    assert version.exit_code == 0 and version.output.strip() == f"backbone-sdk, version {installed('backbone-sdk')}"
+    listed = runner.invoke(main, ["list", "siglip_vitb16_2*"])
+    lines = listed.output.splitlines()
+    assert lines[0].split()[:4] == ["name", "family", "input", "embed"]
+    assert lines[1].split()[:4] == ["siglip_vitb16_224", "siglip", "224x224", "768"]
+    rows = json.loads(runner.invoke(main, ["list", "--json", "siglip_vitb16_2*"]).stdout)
+    assert [r["name"] for r in rows] == ["siglip_vitb16_224", "siglip_vitb16_256", "siglip_vitb16_256_i18n"]
+    assert rows[0]["image_size"] == [224, 224] and rows[0]["hub_id"] == "google/siglip-base-patch16-224"
+    assert rows[0]["levels"][-1] == ["block11", 16, 768]
