@@ -2,9 +2,9 @@
 
 A subclass wraps a transformers model and supplies :meth:`embed_tokens` (patch embedding + prefix
 tokens + interpolated position embeddings), :attr:`blocks`, :meth:`final_norm`, :meth:`stem` and
-:meth:`embed`. ``block{i}`` features with early stop, ``run_layers``/``tokens()``, gradient
-checkpointing and transformers-directory reading live here once; the pyramid neck is the
-:class:`~backbone_sdk.Backbone` base's.
+:meth:`embed`; blocks that take more than the tokens (RoPE tables) get them from :meth:`block_inputs`.
+``block{i}`` features with early stop, ``run_layers``/``tokens()``, gradient checkpointing and
+transformers-directory reading live here once; the pyramid neck is the :class:`~backbone_sdk.Backbone` base's.
 """
 
 from __future__ import annotations
@@ -75,7 +75,12 @@ class PlainViT(Backbone):
     def stem(self) -> nn.Module:
         raise NotImplementedError
 
-    def call_block(self, x: torch.Tensor, block: nn.Module) -> torch.Tensor:
+    def block_inputs(self, images: torch.Tensor) -> tuple:
+        """Extra inputs every block takes besides the tokens (e.g. RoPE tables for this grid),
+        computed once per forward and passed to :meth:`call_block` after ``block``; default none."""
+        return ()
+
+    def call_block(self, x: torch.Tensor, block: nn.Module, *inputs) -> torch.Tensor:
         return block(x)
 
     # -- shared implementation ---------------------------------------------------------------
@@ -88,8 +93,9 @@ class PlainViT(Backbone):
         kept = {}
         with self.trunk_context():
             x = self.embed_tokens(images)
+            inputs = self.block_inputs(images)
             for i, block in enumerate(self.blocks[: upto + 1]):
-                x = run(self.call_block, x, self.grad_checkpointing, block, owner=block)
+                x = run(self.call_block, x, self.grad_checkpointing, block, *inputs, owner=block)
                 if i in keep:
                     kept[i] = x
         return x, kept
