@@ -39,6 +39,8 @@ VARIANTS = {
     "siglip": ("siglip2_vitb16_224", "siglip_test"),
     "siglip2_naflex": ("siglip2_vitb16_naflex", "siglip2_naflex_test"),
     "aimv2": ("aimv2_large_patch14_224", "aimv2_test"),
+    "dinov3": ("dinov3_vits16", "dinov3_test"),
+    "dinov3_convnext": ("dinov3_convnext_tiny", "dinov3_convnext_test"),
 }
 TOLERANCE = 1e-4
 
@@ -97,6 +99,11 @@ def raw_siglip2_naflex(model):
 def raw_aimv2(model):
     hf = copy.deepcopy(model.model)
     return lambda x: hf(pixel_values=x).last_hidden_state.mean(dim=1)
+
+
+def raw_pooler(model):
+    hf = copy.deepcopy(model.model)
+    return lambda x: hf(pixel_values=x).pooler_output
 
 
 # -- peers: same architecture in the reference library, random weights -----------------------------
@@ -180,10 +187,30 @@ def peer_aimv2(spec):
                                      num_heads=cfg.heads, img_size=cfg.pos_embed_size, num_classes=0)
 
 
+def peer_dinov3(spec):
+    import timm
+
+    cfg = spec.config  # timm's vit_small_patch16_dinov3(_qkvb) definition at this spec's width and depth
+    if cfg.swiglu:
+        raise ValueError("the benchmark's timm peer covers the GELU DINOv3 sizes (S, B, L)")
+    arch = "vit_small_patch16_dinov3" + ("_qkvb" if cfg.qkv_bias else "")
+    return "timm", timm.create_model(arch, pretrained=False, embed_dim=cfg.dim, depth=cfg.depth, num_heads=cfg.heads,
+                                     img_size=spec.input.image_size, num_classes=0, global_pool="token")
+
+
+def peer_dinov3_convnext(spec):
+    from timm.models.convnext import ConvNeXt
+
+    cfg = spec.config
+    return "timm", ConvNeXt(depths=cfg.depths, dims=cfg.dims, num_classes=0)
+
+
 RAW = {"resnet": raw_resnet, "vit": raw_vit, "swin": raw_swin, "dinov2": raw_dinov2, "clip": raw_clip,
-       "siglip": raw_siglip, "siglip2_naflex": raw_siglip2_naflex, "aimv2": raw_aimv2}
+       "siglip": raw_siglip, "siglip2_naflex": raw_siglip2_naflex, "aimv2": raw_aimv2,
+       "dinov3": raw_pooler, "dinov3_convnext": raw_pooler}
 PEER = {"resnet": peer_resnet, "vit": peer_vit, "swin": peer_swin, "dinov2": peer_dinov2, "clip": peer_clip,
-        "siglip": peer_siglip, "siglip2_naflex": peer_siglip2_naflex, "aimv2": peer_aimv2}
+        "siglip": peer_siglip, "siglip2_naflex": peer_siglip2_naflex, "aimv2": peer_aimv2,
+        "dinov3": peer_dinov3, "dinov3_convnext": peer_dinov3_convnext}
 
 
 # -- timing ----------------------------------------------------------------------------------------

@@ -82,3 +82,15 @@ def test_ci_runs_the_readme_test_command():
     block = readme.split("```bash", 1)[1].split("```", 1)[0]
     test_cmd = [line.split("#")[0].strip() for line in block.strip().splitlines()][1]
     assert test_cmd in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+@pytest.mark.slow
+def test_model_catalogue_is_current():
+    """docs/models.md is what `python -m backbone_sdk.catalog` generates from the registry, and lists
+    every registered (non-test) backbone."""
+    from backbone_sdk import catalog
+
+    page = (ROOT / "docs" / "models.md").read_text()
+    assert page == catalog.markdown(), "regenerate it: python -m backbone_sdk.catalog > docs/models.md"
+    for name in bs.list_backbones(include_test=False):
+        assert f"| `{name}` |" in page
