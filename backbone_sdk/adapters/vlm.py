@@ -5,6 +5,9 @@ any registered backbone (or several layers, concatenated or summed; optionally w
 pixel-shuffle merge of neighbouring patch tokens, :func:`pixel_shuffle`); :func:`build_projector`
 maps those tokens to the LLM's hidden size.
 :class:`backbone_sdk.integrations.llm.MultimodalLM` splices them into a transformers causal LM.
+On a native-resolution backbone (SigLIP 2 NaFlex: ``naflex_inputs`` / ``naflex_tokens``) raw images
+keep their aspect ratio within a patch budget, so each image gets its own token count and the
+tower returns a list of ``[N_i, D]`` tensors instead of one ``[B, N, D]`` tensor.
 
 >>> tower = VisionTower("dinov2_vits14", weights="hub")           # doctest: +SKIP
 >>> tokens = tower([pil_image])          # [1, 256, 384]: patch tokens of the second-to-last block
@@ -18,6 +21,7 @@ import math
 import re
 from typing import Any, Sequence
 
+import attrs
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -153,6 +157,12 @@ class VisionTower(nn.Module):
         ``"cls_patch"``, registers with ``drop_registers=False``) are not merged: each stays one token,
         repeated ``s*s`` times along the channels to the same width. ``token_merge=2`` with
         ``projector="mlp2x_gelu"`` is the InternVL / Idefics3 "pixel shuffle + MLP" connector.
+    :param max_num_patches: native-resolution (NaFlex) backbones only: the patch budget of each raw
+        image (default: the spec's ``config.max_num_patches``). Raw images (PIL, ``uint8``) go through
+        the backbone's own ``naflex_inputs`` (aspect ratio kept, at most that many patches) and
+        :meth:`forward` returns a **list** of ``[N_i, hidden_size]`` tensors, one per image, holding only
+        its real tokens (``token_merge`` merges each image's own grid; ``select_layer`` lists are
+        supported). Float ``[B, 3, H, W]`` pixels keep the fixed-size path and its ``[B, N, D]`` tensor.
 
     A tower with no trainable parameter runs the backbone under ``torch.no_grad()``: no autograd
     graph, no stored activations. The projector after it still trains.
@@ -161,7 +171,8 @@ class VisionTower(nn.Module):
     def __init__(self, backbone: Backbone | str, select_layer: int | Sequence[int] = -2, select_feature: str = "patch",
                  drop_registers: bool = True, finetune: Any = "frozen", image_aspect: str = "pad",
                  image_size: int | tuple[int, int] | None = None, lora: int | dict | None = None,
-                 weights: Any = None, layer_merge: str = "concat", token_merge: int = 1):
+                 weights: Any = None, layer_merge: str = "concat", token_merge: int = 1,
+                 max_num_patches: int | None = None):
         super().__init__()
         if select_feature not in SELECT_FEATURES:
             raise InvalidOptionError(f"select_feature must be one of {SELECT_FEATURES}, got {select_feature!r}")
@@ -198,6 +209,9 @@ class VisionTower(nn.Module):
         if layer_merge == "sum" and len(set(widths.values())) > 1:
             raise InvalidOptionError(f"layer_merge='sum' needs layers of one width, but {spec.name}'s are {widths}; "
                                      "use layer_merge='concat' or layers of equal width.")
+        self.naflex = callable(getattr(backbone, "naflex_inputs", None)) and callable(
+            getattr(backbone, "naflex_tokens", None))
+        self.max_num_patches = self._budget(spec, max_num_patches)
         self.has_cls = spec.prefix_tokens.cls
         self.num_registers = spec.prefix_tokens.extra
         if select_feature == "cls_patch" and not self.has_cls:
@@ -226,6 +240,20 @@ class VisionTower(nn.Module):
             raise LayerIndexError(f"select_layer={select_layer!r} names a layer of {spec.name} twice "
                                   f"(indices {indices} of {depth}); list each layer once.")
         return indices
+
+    def _budget(self, spec, max_num_patches) -> int | None:
+        if not self.naflex:
+            if max_num_patches is not None:
+                raise InvalidOptionError(f"max_num_patches is for native-resolution (NaFlex) backbones; {spec.name} "
+                                         "takes fixed-size images (use image_size=)")
+            return None
+        budget = getattr(spec.config, "max_num_patches", None) if max_num_patches is None else max_num_patches
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+            raise InvalidOptionError(f"max_num_patches must be a positive integer, got {budget!r}")
+        if self.multi_layer and spec.prefix_tokens.count:
+            raise InvalidOptionError(f"select_layer lists on native-resolution images need a backbone without prefix "
+                                     f"tokens, but {spec.name} has {spec.prefix_tokens}; tap one layer.")
+        return budget
 
     @property
     def multi_layer(self) -> bool:
@@ -258,19 +286,31 @@ class VisionTower(nn.Module):
         return {"backbone": self.spec.name, "select_layer": layers, "select_feature": self.select_feature,
                 "drop_registers": self.drop_registers, "finetune": self.finetune, "lora": self.lora,
                 "image_aspect": self.image_aspect, "image_size": list(self.image_size),
-                "layer_merge": self.layer_merge, "token_merge": self.token_merge}
+                "layer_merge": self.layer_merge, "token_merge": self.token_merge,
+                "max_num_patches": self.max_num_patches}
 
     def grid(self, image_size=None) -> tuple[int, int]:
         """Grid of the output patch tokens for ``image_size`` pixel images (no forward pass): the
-        selected layer's (the coarsest one of a list), then ``ceil(/ token_merge)``."""
+        selected layer's (the coarsest one of a list), then ``ceil(/ token_merge)``. On a NaFlex
+        backbone ``image_size`` is a raw image's ``(H, W)``: its grid is the one ``naflex_size`` picks
+        within ``max_num_patches`` (the tower's default ``image_size`` is already within budget)."""
         h, w = self._size(image_size)
         stride = self.level.stride
+        if self.naflex:
+            from ..plugins.siglip2 import naflex_size
+
+            h, w = naflex_size(h, w, self.spec.input.patch_size, self.max_num_patches)
         # the contract: every level is ceil(size / stride) (exact for patch models, which need H % patch == 0)
         gh, gw = math.ceil(h / stride), math.ceil(w / stride)
         return math.ceil(gh / self.token_merge), math.ceil(gw / self.token_merge)
 
     def num_tokens(self, image_size=None) -> int:
-        """Tokens per image for ``image_size`` (default: the tower's), computed without running."""
+        """Tokens per image for ``image_size`` (default: the tower's), computed without running.
+
+        For a NaFlex backbone the count depends on each image's size: ``num_tokens((H, W))`` is what a
+        raw ``H x W`` image gets (its budgeted grid). Float pixels fed to such a tower keep their own
+        size instead: ``(H / patch) * (W / patch)``.
+        """
         gh, gw = self.grid(image_size)
         extra = int(self.select_feature == "cls_patch") + (0 if self.drop_registers else self.num_registers)
         return gh * gw + extra
@@ -335,18 +375,80 @@ class VisionTower(nn.Module):
         return batch.to(device=ref.device, dtype=dtype)
 
     # -- forward -------------------------------------------------------------------------------
-    def forward(self, images) -> torch.Tensor:
-        """Image tokens ``[B, num_tokens, hidden_size]`` (see :meth:`prepare_images` for inputs)."""
+    def forward(self, images) -> torch.Tensor | list[torch.Tensor]:
+        """Image tokens ``[B, num_tokens, hidden_size]`` (see :meth:`prepare_images` for inputs).
+
+        On a NaFlex backbone, raw images (PIL / ``uint8``) give a list of ``[N_i, hidden_size]``
+        tensors, ``N_i = num_tokens(image_i size)``; float pixels give the ``[B, N, D]`` tensor.
+        """
+        raw = self._native_items(images) if self.naflex else None
+        if raw is not None:
+            return self._forward_native(raw)
         pixels = self.prepare_images(images)
         context = contextlib.nullcontext() if self.trainable else torch.no_grad()
         with context:
             taps = self._taps(pixels)
         prefix, patches, grid = self._combine(taps)
+        return self._merge(prefix, patches, grid)
+
+    def _merge(self, prefix: torch.Tensor, patches: torch.Tensor, grid) -> torch.Tensor:
         if self.token_merge > 1:
             s = self.token_merge
             patches = pixel_shuffle(patches, grid, s)
             prefix = prefix.repeat(1, 1, s * s)
         return torch.cat([prefix, patches], dim=1) if prefix.shape[1] else patches
+
+    @staticmethod
+    def _native_items(images) -> list | None:
+        """The images as a list when they are raw (go through ``naflex_inputs``), ``None`` for float pixels."""
+        batched = isinstance(images, (torch.Tensor, np.ndarray)) and images.ndim == 4
+        items = list(images) if batched or isinstance(images, (list, tuple)) else [images]
+        is_float = [isinstance(x, torch.Tensor) and x.is_floating_point() for x in items]
+        if all(is_float):
+            return None
+        if any(is_float):
+            raise InputShapeError("a native-resolution tower got raw images (PIL / uint8) mixed with float pixel "
+                                  "tensors in one call; pass either raw images or normalized float pixels")
+        return items
+
+    def _forward_native(self, items: list) -> list[torch.Tensor]:
+        batch = self.backbone.naflex_inputs(items, self.max_num_patches)
+        context = contextlib.nullcontext() if self.trainable else torch.no_grad()
+        with context:
+            taps = self._native_taps(batch)
+        grids = taps[0].grids
+        out = []
+        for i, grid in enumerate(grids):
+            real = taps[0].mask[i]
+            one = [attrs.evolve(t, patches=t.patches[i:i + 1, real[: t.patches.shape[1]]], grid=tuple(grid),
+                                cls=None if t.cls is None else t.cls[i:i + 1],
+                                registers=None if t.registers is None else t.registers[i:i + 1], mask=None,
+                                grids=None) for t in taps]
+            prefix, patches, grid = self._combine(one)
+            out.append(self._merge(prefix, patches, grid)[0])
+        return out
+
+    def _native_taps(self, batch) -> list:
+        """``naflex_tokens`` of each tapped layer; a list ``select_layer`` runs once, up to the deepest
+        layer, and reads the others from forward hooks on ``stage_modules()`` (one per level)."""
+        bb = self.backbone
+        if not self.multi_layer:
+            return [bb.naflex_tokens(batch, layer=self.select_layer)]
+        groups = bb.stage_modules()[1:]
+        seen: dict[int, torch.Tensor] = {}
+
+        def keep(index):
+            def hook(module, args, output):
+                seen[index] = output[0] if isinstance(output, (tuple, list)) else output
+            return hook
+
+        handles = [groups[i].register_forward_hook(keep(i)) for i in self.layers]
+        try:
+            last = bb.naflex_tokens(batch, layer=max(self.layers))
+        finally:
+            for handle in handles:
+                handle.remove()
+        return [attrs.evolve(last, patches=seen[i]) for i in self.layers]
 
     def _taps(self, pixels: torch.Tensor) -> list:
         """:class:`~backbone_sdk.Tokens` of each tapped layer, from one pass that stops at the deepest."""
@@ -379,6 +481,7 @@ class VisionTower(nn.Module):
     def extra_repr(self) -> str:
         merge = f", layer_merge={self.layer_merge!r}" if self.multi_layer else ""
         merge += f", token_merge={self.token_merge}" if self.token_merge > 1 else ""
+        merge += f", max_num_patches={self.max_num_patches}" if self.naflex else ""
         return (f"backbone={self.spec.name!r}, select_layer={self.select_layer}{merge}, "
                 f"select_feature={self.select_feature!r}, finetune={self.finetune!r}, lora={self.lora}")
 

@@ -192,7 +192,7 @@ def _as_float_chw(image) -> torch.Tensor:
     if isinstance(image, torch.Tensor):
         t = image
     else:
-        arr = np.asarray(image.convert("RGB")) if hasattr(image, "convert") else np.asarray(image)
+        arr = np.array(image.convert("RGB")) if hasattr(image, "convert") else np.asarray(image)
         if arr.ndim != 3 or arr.shape[-1] != 3:
             raise InputShapeError(f"expected an RGB image [H, W, 3], got an array of shape {arr.shape}")
         t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
