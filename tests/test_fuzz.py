@@ -28,6 +28,7 @@ def _check(model, method, out, images, arg):
     spec, (b, h, w) = model.spec, (images.shape[0], images.shape[-2], images.shape[-1])
     if method == "features":
         levels = [arg] if isinstance(arg, str) else list(spec.feature_names) if arg is None else list(arg)
+        levels = list(dict.fromkeys(levels))  # a level asked for twice is returned once
         infos = [spec.feature(n) for n in levels]
     elif method == "pyramid":
         infos = list(model.pyramid_info)
