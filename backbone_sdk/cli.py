@@ -41,6 +41,16 @@ def _version() -> str:
         return "unknown"
 
 
+def _set_verbose(ctx, param, value):
+    if value:
+        logging.getLogger().setLevel(logging.INFO)
+
+
+#: ``-v`` after the subcommand too (``backbone-sdk info NAME -v``), not only before it
+_verbose = click.option("-v", "--verbose", is_flag=True, expose_value=False, callback=_set_verbose,
+                        help="Show log messages.")
+
+
 @click.group(cls=_Group)
 @click.version_option(_version(), "--version", prog_name="backbone-sdk")
 @click.option("-v", "--verbose", is_flag=True, help="Show log messages.")
@@ -50,6 +60,7 @@ def main(verbose: bool) -> None:
 
 
 @main.command("list")
+@_verbose
 @click.argument("pattern", default="*")
 @click.option("--tests/--no-tests", "include_test", default=False, help="Include tiny test variants.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (one object per backbone).")
@@ -107,10 +118,24 @@ def _human(n: int) -> str:
 
 @main.command()
 @click.argument("name")
-def info(name: str) -> None:
+@_verbose
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def info(name: str, as_json: bool) -> None:
     """Show the spec of backbone NAME: input, feature levels (stride, channels), parameter count."""
     spec = get_spec(name)
     inp = spec.input
+    if as_json:
+        p = spec.prefix_tokens
+        click.echo(json.dumps({
+            "name": spec.name, "family": spec.family, "plugin": spec.plugin, "description": spec.description,
+            "hub_id": spec.hub_id, "embed_dim": spec.embed_dim, "parameters": _param_counts(name),
+            "input": {"image_size": list(inp.image_size), "mean": list(inp.mean), "std": list(inp.std),
+                      "patch_size": inp.patch_size, "size_divisibility": inp.size_divisibility},
+            "levels": [{"name": f.name, "stride": f.stride, "channels": f.channels} for f in spec.features],
+            "prefix_tokens": {"cls": p.cls, "distillation": p.distillation, "registers": p.registers},
+            "parts": sorted(spec.parts), "capabilities": sorted(spec.capabilities),
+        }, indent=2))
+        return
     click.echo(f"{spec.name} ({spec.family}, plugin {spec.plugin}) {spec.description}")
     click.echo(f"  hub id: {spec.hub_id or '-'}")
     click.echo(f"  input: {inp.image_size[0]}x{inp.image_size[1]}, mean {inp.mean}, std {inp.std}, "
@@ -126,6 +151,7 @@ def info(name: str) -> None:
 
 
 @main.command()
+@_verbose
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def plugins(as_json: bool) -> None:
     """List discovered plugins with distribution, version, backbones and errors."""
@@ -164,6 +190,7 @@ def _verify(directory: str) -> None:
 
 
 @main.command(context_settings={"show_default": True})
+@_verbose
 @click.argument("inputs", nargs=-1)
 @click.option("-b", "--backbone", "name", default=DEFAULT_BACKBONE, help="Backbone name.")
 @click.option("-w", "--weights", default=None, help="Hub id, directory or checkpoint file ('hub' = the spec's hub id).")

@@ -154,3 +154,28 @@ def test_cli_version_list_header_and_json():
     assert [r["name"] for r in rows] == ["siglip_vitb16_224", "siglip_vitb16_256", "siglip_vitb16_256_i18n"]
     assert rows[0]["image_size"] == [224, 224] and rows[0]["hub_id"] == "google/siglip-base-patch16-224"
     assert rows[0]["levels"][-1] == ["block11", 16, 768]
+
+
+def test_cli_info_json():
+    out = CliRunner().invoke(main, ["info", "--json", "dinov2_reg_test"])
+    data = json.loads(out.stdout)
+    spec = bs.get_spec("dinov2_reg_test")
+    assert data["levels"][-1] == {"name": spec.features[-1].name, "stride": 14, "channels": 32}
+    assert data["prefix_tokens"] == {"cls": True, "distillation": False, "registers": 4}
+    assert data["parameters"]["backbone"] == sum(
+        p.numel() for p in bs.create_backbone("dinov2_reg_test", parts=()).parameters())
+    assert data["input"]["image_size"] == list(spec.input.image_size) and data["parts"] == sorted(spec.parts)
+
+
+def test_cli_verbose_after_the_subcommand(caplog):
+    import logging
+
+    root = logging.getLogger()
+    level = root.level
+    try:
+        root.setLevel(logging.ERROR)
+        out = CliRunner().invoke(main, ["info", "resnet_test", "-v"])
+        assert out.exit_code == 0, out.output
+        assert root.level == logging.INFO
+    finally:
+        root.setLevel(level)
