@@ -7,7 +7,7 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
-__all__ = ["rename", "split_fused", "split_qkv", "has_keys", "strip_prefixes"]
+__all__ = ["rename", "split_fused", "split_qkv", "has_keys", "strip_prefixes", "convert_detected"]
 
 
 def rename(state: Mapping[str, torch.Tensor], rules: Iterable[tuple[str, object]],
@@ -59,3 +59,20 @@ def strip_prefixes(state: Mapping[str, torch.Tensor], prefixes: Iterable[str]) -
                 break
         out[key] = value
     return out
+
+
+def convert_detected(state: Mapping[str, torch.Tensor], source_format: str | None, detected: str | None,
+                     converters: Mapping[str, Callable], same_layout: Iterable[Iterable[str]] = ()):
+    """The common body of a ``convert_checkpoint`` hook: ``(converters[fmt](state), fmt)`` where ``fmt``
+    is the requested ``source_format`` (or, when ``None``, the ``detected`` layout), if the state dict
+    really has that layout; else ``None`` (not this plugin's checkpoint, or not in the asked-for format).
+
+    ``same_layout``: groups of format names whose state dicts look alike (e.g. an original release and
+    timm's copy of it): a requested format of the group is accepted when detection found another one.
+    """
+    fmt = source_format or detected
+    if detected is None or fmt not in converters:
+        return None
+    if fmt != detected and not any({fmt, detected} <= set(group) for group in same_layout):
+        return None
+    return converters[fmt](state), fmt

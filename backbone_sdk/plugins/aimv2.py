@@ -54,6 +54,7 @@ from ._common import (
     split_qkv,
     strip_prefixes,
 )
+from ..layers.convert import convert_detected
 from ._plainvit import PlainViT, PlainViTConfig
 
 FAMILY = "aimv2"
@@ -269,8 +270,4 @@ _CONVERTERS = {"aimv2": convert_release, "timm": convert_timm, "transformers": c
 
 @hookimpl
 def convert_checkpoint(spec, state_dict, source_format):
-    detected = detect_format(state_dict)
-    fmt = source_format or detected
-    if fmt is None or fmt != detected:
-        return None
-    return _CONVERTERS[fmt](state_dict), fmt
+    return convert_detected(state_dict, source_format, detect_format(state_dict), _CONVERTERS)

@@ -23,6 +23,7 @@ checkpoints without it (timm) load strictly and report it as initialized.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import attrs
 import torch
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from ..hookspecs import hookimpl
 from ..specs import IMAGENET_MEAN, IMAGENET_STD, BackboneSpec, InputSpec, PrefixTokens, non_negative, positive
 from ._common import has_keys, hf_model, rename, split_qkv, strip_prefixes
+from ..layers.convert import convert_detected
 from ._plainvit import PlainViT, PlainViTConfig
 
 FAMILY = "dinov2"
@@ -256,10 +258,7 @@ def detect_format(state) -> str | None:
 
 @hookimpl
 def convert_checkpoint(spec, state_dict, source_format):
-    detected = detect_format(state_dict)
-    fmt = source_format or detected
-    if fmt in ("dinov2", "timm") and detected in ("dinov2", "timm"):
-        return convert_release(state_dict, spec.config.swiglu), fmt
-    if fmt == "transformers" and detected == "transformers":
-        return convert_transformers(state_dict), fmt
-    return None
+    release = partial(convert_release, swiglu=spec.config.swiglu)
+    return convert_detected(state_dict, source_format, detect_format(state_dict),
+                            {"dinov2": release, "timm": release, "transformers": convert_transformers},
+                            same_layout=[("dinov2", "timm")])

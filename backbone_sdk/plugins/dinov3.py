@@ -28,6 +28,7 @@ report it as initialized.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import attrs
 import torch
@@ -35,6 +36,7 @@ import torch
 from ..hookspecs import hookimpl
 from ..specs import IMAGENET_MEAN, IMAGENET_STD, BackboneSpec, InputSpec, PrefixTokens, non_negative, positive_float
 from ._common import has_keys, hf_model, rename, split_qkv
+from ..layers.convert import convert_detected
 from ._plainvit import PlainViT, PlainViTConfig
 
 FAMILY = "dinov3"
@@ -268,10 +270,6 @@ def detect_format(state) -> str | None:
 
 @hookimpl
 def convert_checkpoint(spec, state_dict, source_format):
-    detected = detect_format(state_dict)
-    fmt = source_format or detected
-    if fmt in ("dinov3", "timm") and detected in ("dinov3", "timm"):
-        return convert_release(state_dict, spec.config.qkv_bias, fmt), fmt
-    if fmt == "transformers" and detected == "transformers":
-        return convert_transformers(state_dict), fmt
-    return None
+    release = {f: partial(convert_release, qkv_bias=spec.config.qkv_bias, fmt=f) for f in ("dinov3", "timm")}
+    return convert_detected(state_dict, source_format, detect_format(state_dict),
+                            {**release, "transformers": convert_transformers}, same_layout=[release])

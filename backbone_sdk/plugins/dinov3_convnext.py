@@ -28,6 +28,7 @@ from ..backbone import Backbone
 from ..hookspecs import hookimpl
 from ..specs import IMAGENET_MEAN, IMAGENET_STD, BackboneConfig, BackboneSpec, FeatureInfo, InputSpec, count_of, \
     positive_float
+from ..layers.convert import convert_detected
 from ._common import has_keys, read_hf_pretrained, rename, run
 
 FAMILY = "dinov3_convnext"
@@ -215,7 +216,4 @@ _CONVERTERS = {"dinov3": convert_release, "timm": convert_timm, "transformers": 
 
 @hookimpl
 def convert_checkpoint(spec, state_dict, source_format):
-    detected = detect_format(state_dict)
-    if detected is None or source_format not in (None, detected):
-        return None
-    return _CONVERTERS[detected](state_dict), detected
+    return convert_detected(state_dict, source_format, detect_format(state_dict), _CONVERTERS)

@@ -56,6 +56,7 @@ from ..hookspecs import hookimpl
 from ..specs import BackboneSpec, InputSpec, PrefixTokens, divides, positive
 from ._common import (TextCheckpointing, has_keys, hf_model, read_hf_pretrained, rename, split_qkv, strip_prefixes,
                       token_ids)
+from ..layers.convert import convert_detected
 from ._plainvit import PlainViT, PlainViTConfig
 
 FAMILY = "siglip"
@@ -360,11 +361,14 @@ def detect_format(state) -> str | None:
 
 @hookimpl
 def convert_checkpoint(spec, state_dict, source_format):
-    detected = detect_format(state_dict)
-    fmt = source_format or detected
-    if fmt != detected or fmt is None:
-        return None
-    converted = convert_timm(state_dict) if fmt == "timm" else convert_transformers(state_dict)
-    if TEXT not in spec.parts:
-        converted = {k: v for k, v in converted.items() if not k.startswith(_TEXT_KEYS)}
-    return converted, fmt
+    done = convert_detected(state_dict, source_format, detect_format(state_dict),
+                            {"timm": convert_timm, "transformers": convert_transformers})
+    return without_text(spec, done)
+
+
+def without_text(spec, done):
+    """Drop the text tower's keys from a conversion result when the spec was built without ``"text"``."""
+    if done is None or TEXT in spec.parts:
+        return done
+    converted, fmt = done
+    return {k: v for k, v in converted.items() if not k.startswith(_TEXT_KEYS)}, fmt

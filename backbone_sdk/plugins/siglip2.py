@@ -34,6 +34,7 @@ from ..errors import InputShapeError
 from ..hookspecs import hookimpl
 from ..specs import BackboneSpec, InputSpec, Tokens, positive
 from . import siglip
+from ..layers.convert import convert_detected
 from ._common import has_keys, hf_model, run
 
 FAMILY = "siglip2_naflex"
@@ -126,8 +127,11 @@ class SigLIP2NaFlex(siglip.SigLIP):
         proj = self.vision.embeddings.patch_embedding
         x = proj(batch.pixel_values.to(proj.weight.dtype))
         pos = torch.zeros_like(x)
+        tables: dict[tuple[int, int], torch.Tensor] = {}  # one resize per distinct grid of the batch
         for i, (rows, cols) in enumerate(batch.spatial_shapes.tolist()):
-            pos[i, : rows * cols] = self._grid_pos(rows, cols)[0]
+            if (rows, cols) not in tables:
+                tables[rows, cols] = self._grid_pos(rows, cols)[0]
+            pos[i, : rows * cols] = tables[rows, cols]
         return x + pos
 
     # -- NaFlex batches ----------------------------------------------------------------------------
@@ -238,7 +242,7 @@ def register_backbones(registry):
 
 
 # -- checkpoint conversion -------------------------------------------------------------------------
-def convert_timm(state, pos_grid: int):
+def convert_timm(state):
     """timm ``naflexvit_*_siglip`` tower -> native keys (``embeds.proj`` is the linear patch embedding)."""
     state = dict(state)
     pos = state.pop("embeds.pos_embed", None)
@@ -258,14 +262,6 @@ def detect_format(state) -> str | None:
 
 @hookimpl
 def convert_checkpoint(spec, state_dict, source_format):
-    detected = detect_format(state_dict)
-    fmt = source_format or detected
-    if fmt != detected or fmt is None:
-        return None
-    if fmt == "timm":
-        converted = convert_timm(state_dict, spec.config.pos_grid)
-    else:
-        converted = siglip.convert_transformers(state_dict)
-    if TEXT not in spec.parts:
-        converted = {k: v for k, v in converted.items() if not k.startswith(siglip._TEXT_KEYS)}
-    return converted, fmt
+    done = convert_detected(state_dict, source_format, detect_format(state_dict),
+                            {"timm": convert_timm, "transformers": siglip.convert_transformers})
+    return siglip.without_text(spec, done)
