@@ -1,4 +1,4 @@
-pytest_plugins = ["backbone_sdk.testing"]
+pytest_plugins = ["backbone_sdk.testing", "_vlm_kit"]
 
 import os
 
