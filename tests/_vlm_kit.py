@@ -64,3 +64,18 @@ def image(h=40, w=56, seed=0):
 
 def has_cls(name):
     return bs.get_spec(name).prefix_tokens.cls
+
+
+def saved_multimodal_lm(tokenizer, tmp_path, backbone: str, **options):
+    """A MultimodalLM on a fresh tower (``options``) with perturbed projector and trainable tower
+    weights, saved to ``tmp_path / "adapter"`` (the backbone's own weights to ``backbone.safetensors``)."""
+    from backbone_sdk.adapters.vlm import VisionTower
+
+    base = bs.create_backbone(backbone, parts=())
+    bs.save_weights(base, tmp_path / "backbone.safetensors")
+    mm = make_mm(tokenizer, VisionTower(base, **options))
+    with torch.no_grad():
+        for p in [*mm.projector.parameters(), *(p for p in mm.tower.parameters() if p.requires_grad)]:
+            p.add_(torch.randn_like(p) * 0.1)
+    mm.save_pretrained(tmp_path / "adapter")
+    return mm

@@ -9,7 +9,7 @@ import torch
 import backbone_sdk as bs
 from backbone_sdk.adapters.vlm import VisionTower, pixel_shuffle
 from backbone_sdk.integrations.llm import IGNORE_INDEX, MultimodalLM
-from _vlm_kit import image, make_mm
+from _vlm_kit import image, make_mm, saved_multimodal_lm
 
 pytestmark = pytest.mark.usefixtures("_one_thread")
 
@@ -176,14 +176,8 @@ def test_naflex_batch_equals_per_sample(tokenizer, padding_side):
 def test_naflex_save_load_round_trip(tokenizer, tmp_path):
     import json
 
-    base = bs.create_backbone(NAFLEX, parts=())
-    bs.save_weights(base, tmp_path / "backbone.safetensors")
     options = {"max_num_patches": 9, "token_merge": 2, "select_layer": [0, -1], "finetune": "blocks:1"}
-    mm = make_mm(tokenizer, VisionTower(base, **options))
-    with torch.no_grad():
-        for p in [*mm.projector.parameters(), *(p for p in mm.tower.parameters() if p.requires_grad)]:
-            p.add_(torch.randn_like(p) * 0.1)
-    mm.save_pretrained(tmp_path / "adapter")
+    mm = saved_multimodal_lm(tokenizer, tmp_path, NAFLEX, **options)
     saved = json.loads((tmp_path / "adapter" / "mm_config.json").read_text())["tower"]
     assert {k: saved[k] for k in options} == options
     loaded = MultimodalLM.from_pretrained(tmp_path / "adapter", mm.lm, tokenizer,

@@ -11,7 +11,7 @@ from backbone_sdk.adapters.vlm import VisionTower, pixel_shuffle
 from backbone_sdk.errors import CheckpointMismatchError
 from backbone_sdk.integrations.llava import llava_with_backbone
 from backbone_sdk.integrations.llm import MultimodalLM
-from _vlm_kit import TINY, has_cls, image, make_mm, tiny_lm
+from _vlm_kit import TINY, has_cls, image, make_mm, saved_multimodal_lm, tiny_lm
 
 pytestmark = pytest.mark.usefixtures("_one_thread")
 
@@ -219,13 +219,7 @@ TOKEN_TRIPS = [("vit_test", {"select_layer": [0, -1], "layer_merge": "sum", "tok
 def test_token_paths_save_load_round_trip(tokenizer, tmp_path, name, options):
     import json
 
-    base = bs.create_backbone(name, parts=())
-    bs.save_weights(base, tmp_path / "backbone.safetensors")
-    mm = make_mm(tokenizer, VisionTower(base, **options))
-    with torch.no_grad():
-        for p in [*mm.projector.parameters(), *(p for p in mm.tower.parameters() if p.requires_grad)]:
-            p.add_(torch.randn_like(p) * 0.1)
-    mm.save_pretrained(tmp_path / "adapter")
+    mm = saved_multimodal_lm(tokenizer, tmp_path, name, **options)
     saved = json.loads((tmp_path / "adapter" / "mm_config.json").read_text())["tower"]
     assert {k: saved[k] for k in options} == options  # the list form survives JSON
     loaded = MultimodalLM.from_pretrained(tmp_path / "adapter", mm.lm, tokenizer,
