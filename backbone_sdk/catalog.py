@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .factory import create_backbone
-from .registry import get_spec, list_backbones
+from .registry import Registry, get_spec, list_backbones, use_registry
 
 __all__ = ["rows", "markdown", "family_summaries"]
 
@@ -78,6 +78,11 @@ def family_summaries(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def markdown() -> str:
+    with use_registry(Registry()):  # what the plugins register, not what this process resolved on demand
+        return _markdown()
+
+
+def _markdown() -> str:
     table = rows()
     lines = [
         "# Model catalogue",
@@ -86,6 +91,8 @@ def markdown() -> str:
         "this page is current). Parameters: the backbone alone (no pyramid neck, no text tower), counted on",
         "the meta device. `hub id` is what `weights=\"hub\"` downloads; every family also loads local",
         "files and directories and the foreign layouts its plugin lists (see each module's docstring).",
+        "Names that plugins resolve on demand, such as `timm/<model>` of the timm bridge",
+        "([timm_bridge.md](timm_bridge.md)), are not registered and not listed.",
         "",
         "## Families",
         "",

@@ -166,6 +166,8 @@ def plugins(as_json: bool) -> None:
             status = "ERROR: " + r.error
         else:
             status = f"{len(r.backbones)} backbones: " + ", ".join(sorted(r.backbones))
+            if r.on_demand:
+                status = "resolves names on demand, " + status.replace("backbones", "resolved or registered", 1)
         click.echo(f"{r.name:12s} {r.distribution or '-'} {r.version or ''}  {r.module}  {status}")
 
 

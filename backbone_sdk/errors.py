@@ -28,14 +28,12 @@ class BackboneSDKError(Exception):
 class UnknownBackboneError(BackboneSDKError, KeyError):
     """A backbone name that no plugin registered."""
 
-    def __init__(self, name: str, close: list[str]):
+    def __init__(self, name: str, close: list[str], where: str | None = None):
         self.name = name
         self.close = close
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
-        super().__init__(
-            f"Unknown backbone {name!r}.{hint} "
-            "Run `backbone-sdk list` (or backbone_sdk.list_backbones()) to see every registered name."
-        )
+        where = where or "Run `backbone-sdk list` (or backbone_sdk.list_backbones()) to see every registered name."
+        super().__init__(f"Unknown backbone {name!r}.{hint} {where}")
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return self.args[0]

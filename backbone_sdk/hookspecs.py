@@ -34,6 +34,24 @@ class BackboneHookSpec:
         """
 
     @hookspec(firstresult=True)
+    def resolve_backbone(self, name):
+        """Build the spec of a backbone name that no plugin registered, on demand.
+
+        For plugins whose names are too many to register up front (a bridge to a model zoo of
+        thousands): ``register_backbones`` registers none of them, and this hook is asked when a name
+        is looked up (``create_backbone``, ``get_spec``) and not found. The spec it returns is added to
+        the registry under the plugin's name, so ``list_backbones()`` shows it from then on. Like
+        registration, resolving must not build a full model or load weights.
+
+        :param name: the name looked up, e.g. ``"timm/convnext_tiny"``; for ``"plugin:name"`` only
+            that plugin is asked, with the part after the colon.
+        :return: a :class:`~backbone_sdk.BackboneSpec` whose ``name`` is ``name``, or ``None`` when
+            the name is not the plugin's. A plugin that owns the name's namespace but has no such
+            model raises :class:`~backbone_sdk.UnknownBackboneError` with its own close matches;
+            any other exception is reported against the plugin and the next one is asked.
+        """
+
+    @hookspec(firstresult=True)
     def convert_checkpoint(self, spec, state_dict, source_format):
         """Convert a foreign checkpoint layout into the backbone's native state-dict keys.
 

@@ -45,6 +45,8 @@ class PluginRecord:
     builtin: bool = False
     #: names this plugin registered that another plugin already held (reachable as ``plugin:name``)
     shadowed: list[str] = attrs.Factory(list)
+    #: implements ``resolve_backbone``: more names than ``backbones`` resolve through it, on demand
+    on_demand: bool = False
 
     @property
     def ok(self) -> bool:

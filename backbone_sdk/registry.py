@@ -96,6 +96,7 @@ class Registry:
             self.plugins.remove(name)
 
     def _collect(self, record: PluginRecord) -> None:
+        record.on_demand = record.name in self.plugins.implementers("resolve_backbone")
         registrar = SpecRegistrar(record.name)
         try:
             self.plugins.hook_of("register_backbones", record.name)(registry=registrar, register=registrar)
@@ -165,8 +166,46 @@ class Registry:
         found = self._qualified.get(name) if ":" in name else specs.get(name)
         if found is not None:
             return found
+        failures: list[str] = []
+        found = self._resolve(name, failures)
+        if found is not None:
+            return found
         pool = list(self._qualified) if ":" in name else list(specs)
-        raise UnknownBackboneError(name, difflib.get_close_matches(name, pool, n=5, cutoff=0.5))
+        where = None
+        if failures:
+            where = ("Plugins that resolve names on demand failed: " + "; ".join(failures)
+                     + f". Fix or disable them ({DISABLE_ENV}).")
+        raise UnknownBackboneError(name, difflib.get_close_matches(name, pool, n=5, cutoff=0.5), where)
+
+    def _resolve(self, name: str, failures: list[str]) -> BackboneSpec | None:
+        """Ask the ``resolve_backbone`` plugins for a name nobody registered; cache what they return."""
+        plugin, sep, short = name.partition(":") if ":" in name else ("", "", name)
+        resolvers = self.plugins.implementers("resolve_backbone")
+        if sep:
+            resolvers = [p for p in resolvers if p == plugin]
+        for resolver in resolvers:
+            try:
+                spec = self.plugins.hook_of("resolve_backbone", resolver)(name=short)
+            except UnknownBackboneError:
+                raise  # the plugin owns this namespace and has no such model: its own suggestions
+            except PLUGIN_FAILURES as exc:
+                failures.append(f"plugin {resolver!r} raised {type(exc).__name__}: {exc}")
+                log.warning("backbone_sdk: plugin %r failed to resolve %r: %s: %s", resolver, short,
+                            type(exc).__name__, exc)
+                continue
+            if spec is None:
+                continue
+            if not isinstance(spec, BackboneSpec) or spec.name != short:
+                failures.append(f"plugin {resolver!r} resolved {short!r} to {spec!r}, not a BackboneSpec named "
+                                f"{short!r}")
+                continue
+            with self._lock:  # another thread may have resolved it meanwhile: keep the first
+                spec = self._qualified.setdefault(f"{resolver}:{short}", spec.evolve(plugin=resolver))
+                if short not in self._specs:
+                    self._specs[short] = spec
+                    self.plugins.records[resolver].backbones.append(short)
+                return spec if sep else self._specs[short]
+        return None
 
     def names(self, pattern: str = "*", include_test: bool = True) -> list[str]:
         return sorted(n for n, s in self.specs().items()

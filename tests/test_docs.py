@@ -16,7 +16,7 @@ PLUGIN_EXAMPLE = ROOT / "examples" / "plugin"
 
 
 def test_hooks_found():
-    assert set(HOOKS) == {"register_backbones", "convert_checkpoint"}
+    assert set(HOOKS) == {"register_backbones", "convert_checkpoint", "resolve_backbone"}
 
 
 @pytest.mark.parametrize("hook", HOOKS)
@@ -38,10 +38,15 @@ class _Recorder:
     def convert_checkpoint(self, spec, state_dict, source_format):
         self.calls.append("convert_checkpoint")
 
+    @hookimpl
+    def resolve_backbone(self, name):
+        self.calls.append("resolve_backbone")
+
 
 @pytest.mark.parametrize("hook", HOOKS)
 def test_hook_is_called_by_the_sdk(hook):
-    """Each hook is reached through the public API: registering a plugin, loading a foreign checkpoint."""
+    """Each hook is reached through the public API: registering a plugin, loading a foreign checkpoint,
+    looking up a name nobody registered."""
     assert hasattr(_Recorder, hook), f"add {hook} to _Recorder and to the calls below"
     recorder = _Recorder()
     bs.register_plugin(recorder, name="hook_recorder")
@@ -50,6 +55,8 @@ def test_hook_is_called_by_the_sdk(hook):
         foreign = {f"foreign.{k}": v for k, v in model.state_dict().items()}  # a layout no plugin knows
         with pytest.raises(bs.CheckpointMismatchError):
             bs.load_weights(model, foreign)
+        with pytest.raises(bs.UnknownBackboneError):
+            bs.get_spec("no_plugin_registers_this")
     finally:
         bs.unregister_plugin("hook_recorder")
     assert hook in recorder.calls
@@ -92,5 +99,6 @@ def test_model_catalogue_is_current():
 
     page = (ROOT / "docs" / "models.md").read_text()
     assert page == catalog.markdown(), "regenerate it: python -m backbone_sdk.catalog > docs/models.md"
-    for name in bs.list_backbones(include_test=False):
-        assert f"| `{name}` |" in page
+    with bs.use_registry(bs.Registry()):
+        for name in bs.list_backbones(include_test=False):
+            assert f"| `{name}` |" in page

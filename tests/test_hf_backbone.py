@@ -301,6 +301,85 @@ def test_detr_trains_with_resnet():
         assert grads and any(g is not None and g.abs().sum() > 0 for g in grads)
 
 
+def test_mask2former_trains_with_swin():
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation
+
+    torch.manual_seed(0)
+    backbone = BackboneSDKConfig(backbone="swin_test", out_indices=[0, 1, 2, 3])
+    config = Mask2FormerConfig(backbone_config=backbone, feature_size=32, mask_feature_size=32, hidden_dim=32,
+                               encoder_feedforward_dim=32, encoder_layers=1, decoder_layers=2, num_attention_heads=2,
+                               dim_feedforward=32, num_queries=4, num_labels=3, train_num_points=64,
+                               use_auxiliary_loss=True)
+    with single_thread():
+        model = Mask2FormerForUniversalSegmentation(config).train()
+        assert isinstance(model.model.pixel_level_module.encoder, BackboneSDKBackbone)
+        x = _pixels("swin_test")
+        h, w = x.shape[-2:]
+        masks = [(torch.rand(2, h, w) > 0.5).float() for _ in range(2)]
+        classes = [torch.tensor([0, 2]), torch.tensor([1, 1])]
+        out = model(pixel_values=x, mask_labels=masks, class_labels=classes)
+        assert torch.isfinite(out.loss)
+        out.loss.backward()
+        body = model.model.pixel_level_module.encoder.body
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in body.stage_modules()[0].parameters())
+
+
+@pytest.mark.parametrize("name", ["swin_test", "vit_test"])
+def test_gradient_checkpointing_through_transformers(name):
+    """transformers' ``activation_checkpointing_enable()`` on the backbone of a task model switches the
+    SDK family's checkpointing; gradients stay the same."""
+    from transformers import UperNetConfig, UperNetForSemanticSegmentation
+
+    torch.manual_seed(0)
+    output = "pyramid" if backbone_sdk.get_spec(name).plain else "maps"
+    config = UperNetConfig(backbone_config=BackboneSDKConfig(backbone=name, output=output, out_indices=[0, 1, 2, 3]),
+                           hidden_size=8, num_labels=2, use_auxiliary_head=False, pool_scales=[1])
+    with single_thread():
+        model = UperNetForSemanticSegmentation(config).train()
+        h, w = backbone_sdk.get_spec(name).input.image_size
+        batch = {"pixel_values": torch.randn(2, 3, h, w), "labels": torch.randint(0, 2, (2, h, w))}
+
+        def grads():
+            model.zero_grad(set_to_none=True)
+            model(**batch).loss.backward()
+            return {n: p.grad.clone() for n, p in model.backbone.named_parameters() if p.grad is not None}
+
+        plain = grads()
+        model.backbone.activation_checkpointing_enable()
+        assert model.backbone.gradient_checkpointing and model.backbone.is_activation_checkpointing
+        checkpointed = grads()
+        model.backbone.activation_checkpointing_disable()
+        assert not model.backbone.gradient_checkpointing
+    assert plain.keys() == checkpointed.keys() and plain
+    for key in plain:
+        torch.testing.assert_close(checkpointed[key], plain[key], rtol=1e-4, atol=1e-6)
+
+
+def test_weights_field_loads_when_built_and_saved_weights_win(tmp_path):
+    from transformers import UperNetConfig, UperNetForSemanticSegmentation
+
+    source = backbone_sdk.create_backbone("resnet_test")
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(0.1)
+    path = backbone_sdk.save_weights(source, tmp_path / "trained.safetensors")
+    backbone = BackboneSDKConfig(backbone="resnet_test", weights=str(path), out_indices=[0, 1, 2, 3])
+    config = UperNetConfig(backbone_config=backbone, hidden_size=8, num_labels=2, use_auxiliary_head=False,
+                           pool_scales=[1])
+    model = UperNetForSemanticSegmentation(config)
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in model.backbone.body.state_dict().items())
+    with torch.no_grad():
+        model.backbone.body.model.embedder.embedder.convolution.weight.add_(1.0)  # "fine-tuned" after loading
+    model.save_pretrained(tmp_path / "head")
+    path.unlink()  # the saved task model does not need the original file
+    loaded = UperNetForSemanticSegmentation.from_pretrained(tmp_path / "head", disable_mmap=True)
+    assert loaded.config.backbone_config.weights == str(path)
+    saved, read = model.state_dict(), loaded.state_dict()
+    assert all(torch.equal(saved[k], read[k]) for k in saved)
+    with pytest.raises(backbone_sdk.CheckpointError, match="not found"):
+        UperNetForSemanticSegmentation(config)  # built fresh, the config's weights are read (and now missing)
+
+
 def test_sdk_initialization_is_kept():
     """transformers' generic init (post_init) must not overwrite the weights the SDK initialized."""
     torch.manual_seed(0)

@@ -310,3 +310,74 @@ def test_a_raising_converter_does_not_break_other_families():
                             else bs.create_backbone("vit_test"), {"foreign.w": torch.zeros(1)}, weights_format="timm")
     finally:
         bs.unregister_plugin("broken_converter")
+
+
+# -- names resolved on demand (resolve_backbone) ---------------------------------------------------
+def resolver(prefix, calls=None, fail=None):
+    """A plugin that registers nothing and resolves ``<prefix>anything`` (raising ``fail`` if given)."""
+    mod = types.SimpleNamespace()
+
+    @bs.hookimpl
+    def register_backbones(registry):
+        pass
+
+    @bs.hookimpl
+    def resolve_backbone(name):
+        if calls is not None:
+            calls.append(name)
+        if not name.startswith(prefix):
+            return None
+        if fail is not None:
+            raise fail
+        return toy_spec(name)
+
+    mod.register_backbones, mod.resolve_backbone = register_backbones, resolve_backbone
+    return mod
+
+
+def test_resolved_names_are_built_once_and_listed_afterwards():
+    calls = []
+    reg = registry_with(FakeEntryPoint("zoo", resolver("zoo/", calls)), FakeEntryPoint("fixed", plugin("toy_a")))
+    assert reg.names() == ["toy_a"]
+    spec = reg.get("zoo/net1")
+    assert spec.name == "zoo/net1" and spec.plugin == "zoo"
+    assert reg.get("zoo/net1") is spec and calls == ["zoo/net1"]
+    assert reg.names() == ["toy_a", "zoo/net1"] and reg.get("zoo:zoo/net1") is spec
+    assert reg.get("toy_a").plugin == "fixed" and calls == ["zoo/net1"]  # registered names never ask
+    record = next(r for r in reg.records() if r.name == "zoo")
+    assert record.on_demand and record.backbones == ["zoo/net1"]
+    with bs.use_registry(reg):
+        model = bs.create_backbone("zoo/net2")
+    assert model.embed(torch.randn(1, 3, 32, 32)).shape == (1, 4)
+
+
+def test_a_failing_resolver_is_reported_and_others_still_resolve():
+    reg = registry_with(FakeEntryPoint("broken", resolver("", fail=RuntimeError("hub down"))),
+                        FakeEntryPoint("zoo", resolver("zoo/")))
+    with pytest.raises(bs.UnknownBackboneError, match="plugin 'broken' raised RuntimeError: hub down"):
+        reg.get("toy_b")
+    assert reg.get("zoo/x").plugin == "zoo"
+
+
+def test_a_resolver_owning_the_namespace_gives_its_own_suggestions():
+    missing = bs.UnknownBackboneError("zoo/nte", ["zoo/net"], "Names come from zoo.list().")
+    reg = registry_with(FakeEntryPoint("zoo", resolver("zoo/", fail=missing)), FakeEntryPoint("other", resolver("")))
+    with pytest.raises(bs.UnknownBackboneError, match=r"Did you mean: zoo/net\? Names come from zoo.list\(\)"):
+        reg.get("zoo/nte")
+
+
+def test_qualified_name_asks_only_that_resolver():
+    first, second = [], []
+    reg = registry_with(FakeEntryPoint("a", resolver("", first)), FakeEntryPoint("b", resolver("", second)))
+    assert reg.get("b:net").plugin == "b" and first == [] and second == ["net"]
+    assert reg.get("net").plugin == "b"  # the first resolution also took the plain name
+    with pytest.raises(bs.UnknownBackboneError):
+        reg.get("c:net")
+
+
+def test_resolver_returning_a_wrong_spec_is_reported():
+    mod = types.SimpleNamespace(resolve_backbone=bs.hookimpl(lambda name: toy_spec("other_name")))
+    reg = registry_with(FakeEntryPoint("liar", mod))
+    with pytest.raises(bs.UnknownBackboneError, match="not a BackboneSpec named 'asked'"):
+        reg.get("asked")
+    assert reg.names() == []

@@ -28,6 +28,8 @@ after that prefix); ``from_pretrained`` reads them back. See docs/hf_backbone.md
 
 from __future__ import annotations
 
+import os
+
 from typing import Any
 
 import torch
@@ -97,6 +99,10 @@ class BackboneSDKConfig(BackboneConfigMixin, PreTrainedConfig):
     out_features / out_indices (`list`, *optional*):
         The levels to return, among ``stage_names`` (the SDK level names, or ``p2..p5`` for the pyramid);
         negative indices count from the end. Default: the last level.
+    weights (`str`, *optional*):
+        What ``create_backbone(..., weights=...)`` loads when the model is built from this config: ``"hub"``
+        (the spec's hub id), a hub id, or a local checkpoint file or directory. ``from_pretrained`` of a
+        saved task model does not read it again: the saved weights win.
     patch_size / hidden_size (`int`, *optional*):
         Set from the spec in ``"tokens"`` mode (DPT reads them); ``None`` otherwise.
     """
@@ -107,6 +113,7 @@ class BackboneSDKConfig(BackboneConfigMixin, PreTrainedConfig):
     output: str = "maps"
     finetune: str = "none"
     backbone_overrides: dict | None = None
+    weights: str | None = None
     num_channels: int = 3
     patch_size: int | None = None
     hidden_size: int | None = None
@@ -114,6 +121,8 @@ class BackboneSDKConfig(BackboneConfigMixin, PreTrainedConfig):
     def __post_init__(self, **kwargs):
         spec = _resolve_spec(self.backbone, self.backbone_overrides, self.output)
         self.backbone_overrides = dict(self.backbone_overrides or {})
+        if self.weights is not None:
+            self.weights = os.fspath(self.weights)  # a Path must survive config.json
         FinetunePolicy.parse(self.finetune)  # a bad policy fails with the config, not at model build
         # stage names always follow the spec (a saved list is recomputed, never trusted)
         kwargs.pop("stage_names", None)
@@ -143,7 +152,7 @@ class BackboneSDKPreTrainedModel(PreTrainedModel):
     base_model_prefix = "body"
     main_input_name = "pixel_values"
     input_modalities = ("image",)
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
     # transformers' generic ``_init_weights`` runs only on modules of a model built on the meta
     # device (inside ``from_pretrained``) whose weights the checkpoint lacks; modules the SDK
     # initialized are marked initialized at construction (see BackboneSDKBackbone.__init__)
@@ -163,7 +172,9 @@ class BackboneSDKBackbone(BackboneMixin, BackboneSDKPreTrainedModel):
     def __init__(self, config: BackboneSDKConfig):
         super().__init__(config)
         overrides = _overrides(config.backbone, config.backbone_overrides, config.output)
-        self.body = create_backbone(config.backbone, **overrides)
+        # built on the meta device (from_pretrained): the checkpoint, not config.weights, fills it
+        weights = config.weights if torch.get_default_device().type != "meta" else None
+        self.body = create_backbone(config.backbone, weights=weights, **overrides)
         self.spec = self.body.spec
         if config.output == "pyramid":
             self.num_features = [info.channels for info in self.spec.pyramid.levels]
@@ -177,6 +188,23 @@ class BackboneSDKBackbone(BackboneMixin, BackboneSDKPreTrainedModel):
             for module in self.body.modules():
                 module._is_hf_initialized = True
         self.post_init()
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Whether the SDK backbone recomputes activations in backward. transformers'
+        ``gradient_checkpointing_enable()`` (of this model or of a task model holding it) sets it, which
+        switches the family's own checkpointing (``Backbone.set_grad_checkpointing``)."""
+        return bool(self.__dict__.get("_sdk_checkpointing", False))
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, enable: bool) -> None:
+        if enable != self.gradient_checkpointing:
+            self.body.set_grad_checkpointing(bool(enable))
+        self.__dict__["_sdk_checkpointing"] = bool(enable)
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None,
+                                    every_n_layers: int = 1) -> None:
+        self.gradient_checkpointing = enable
 
     def train(self, mode: bool = True):
         # transformers' loading replaces parameters (requires_grad back to True); the fine-tune
