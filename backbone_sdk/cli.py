@@ -1,4 +1,4 @@
-"""The ``backbone-sdk`` command line: list, info, plugins and extract."""
+"""The ``backbone-sdk`` command line: list, info, cost, plugins, visualize and extract."""
 
 from __future__ import annotations
 
@@ -116,14 +116,41 @@ def _human(n: int) -> str:
     return str(n)
 
 
+def _cost_or_fail(name: str, size, batch: int, method: str = "features"):
+    from .cost import estimate
+    from .errors import BackboneSDKError
+
+    try:
+        return estimate(name, size=size, batch=batch, method=method)
+    except BackboneSDKError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _cost_lines(cost) -> list[str]:
+    f = cost.flops
+    return [
+        f"  cost of {cost.method}() on {cost.batch} x {cost.size[0]}x{cost.size[1]} ({cost.dtype}, counted on the meta device):",
+        f"    GFLOPs: {cost.gflops:.3f} = attention {f['attention'] / 1e9:.3f} + linear {f['linear'] / 1e9:.3f} "
+        f"+ conv {f['conv'] / 1e9:.3f}",
+        "    tokens per level: " + ", ".join(f"{k} {v}" for k, v in cost.tokens.items()),
+        f"    activation memory (peak of live tensors, inference): {cost.activation_mb:.1f} MiB; "
+        f"weights {cost.weight_bytes / 2**20:.1f} MiB",
+    ]
+
+
 @main.command()
 @click.argument("name")
 @_verbose
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def info(name: str, as_json: bool) -> None:
-    """Show the spec of backbone NAME: input, feature levels (stride, channels), parameter count."""
+@click.option("--size", nargs=2, type=click.IntRange(min=1), default=None, metavar="H W",
+              help="Also estimate FLOPs and activation memory at this input size.")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Batch size for --size.")
+def info(name: str, as_json: bool, size, batch: int) -> None:
+    """Show the spec of backbone NAME: input, feature levels (stride, channels), parameter count
+    (and, with --size, the cost of a forward at that size)."""
     spec = get_spec(name)
     inp = spec.input
+    cost = _cost_or_fail(name, size, batch) if size else None
     if as_json:
         p = spec.prefix_tokens
         click.echo(json.dumps({
@@ -134,6 +161,7 @@ def info(name: str, as_json: bool) -> None:
             "levels": [{"name": f.name, "stride": f.stride, "channels": f.channels} for f in spec.features],
             "prefix_tokens": {"cls": p.cls, "distillation": p.distillation, "registers": p.registers},
             "parts": sorted(spec.parts), "capabilities": sorted(spec.capabilities),
+            **({"cost": cost.to_dict()} if cost is not None else {}),
         }, indent=2))
         return
     click.echo(f"{spec.name} ({spec.family}, plugin {spec.plugin}) {spec.description}")
@@ -148,6 +176,79 @@ def info(name: str, as_json: bool) -> None:
     click.echo("  feature levels (name, stride, channels):")
     for f in spec.features:
         click.echo(f"    {f.name:10s} {f.stride:4d} {f.channels:6d}")
+    for line in _cost_lines(cost) if cost is not None else ():
+        click.echo(line)
+
+
+def _sizes(ctx, param, value: str):
+    sizes = []
+    for item in value.split(","):
+        h, _, w = item.strip().lower().partition("x")
+        try:
+            sizes.append((int(h), int(w or h)))
+        except ValueError:
+            raise click.BadParameter(f"{item!r} is not a size; use e.g. 224,448 or 224x320,448x640") from None
+    return sizes
+
+
+@main.command()
+@click.argument("names", nargs=-1, required=True)
+@_verbose
+@click.option("--sizes", callback=_sizes, default="224,448,896,1344", show_default=True,
+              help="Comma-separated sides or HxW sizes.")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--method", type=click.Choice(["features", "embed", "pyramid"]), default="features", show_default=True,
+              help="The call to cost.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (one object per name and size).")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also draw GFLOPs and activation memory against resolution into this PNG.")
+def cost(names, sizes, batch: int, method: str, as_json: bool, plot: Path | None) -> None:
+    """How FLOPs and activation memory of backbone(s) NAMES grow with input size (counted on the meta
+    device: nothing is computed, no weights are loaded). Sizes a backbone cannot take are rounded up
+    to its size divisibility."""
+    rows = []
+    for name in names:
+        div = get_spec(name).input.size_divisibility
+        for h, w in sizes:
+            size = (-(-h // div) * div, -(-w // div) * div)
+            rows.append(_cost_or_fail(name, size, batch, method))
+    if as_json:
+        click.echo(json.dumps([r.to_dict() for r in rows], indent=2))
+    else:
+        click.echo(f"{'name':28s} {'size':>11s} {'GFLOPs':>10s} {'attention':>9s} {'linear':>7s} {'conv':>6s} "
+                   f"{'act. MiB':>10s}")
+        for r in rows:
+            split = r.split
+            click.echo(f"{r.name:28s} {r.size[0]:>5d}x{r.size[1]:<5d} {r.gflops:10.2f} {split['attention']:9.0%} "
+                       f"{split['linear']:7.0%} {split['conv']:6.0%} {r.activation_mb:10.1f}")
+    if plot is not None:
+        _plot_costs(rows, plot)
+        click.echo(f"plot written to {plot}", err=True)
+
+
+def _plot_costs(rows, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_f, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
+    for name in dict.fromkeys(r.name for r in rows):
+        mine = [r for r in rows if r.name == name]
+        pixels = [r.size[0] * r.size[1] for r in mine]
+        ax_f.plot(pixels, [r.gflops for r in mine], marker="o", label=name)
+        ax_m.plot(pixels, [r.activation_mb for r in mine], marker="o", label=name)
+    for ax, label in ((ax_f, "GFLOPs"), (ax_m, "activation MiB")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("input pixels (H x W)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    ax_f.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
 
 
 @main.command()
@@ -169,6 +270,50 @@ def plugins(as_json: bool) -> None:
             if r.on_demand:
                 status = "resolves names on demand, " + status.replace("backbones", "resolved or registered", 1)
         click.echo(f"{r.name:12s} {r.distribution or '-'} {r.version or ''}  {r.module}  {status}")
+
+
+@main.command(context_settings={"show_default": True})
+@_verbose
+@click.argument("name")
+@click.argument("images", nargs=-1, type=click.Path(exists=True, path_type=Path))
+@click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Directory the PNGs are written to.")
+@click.option("-k", "--kind", "kinds", multiple=True, type=click.Choice(["pca", "pca_fg", "attention", "norms"]),
+              help="Picture kind (repeat for several; default: every kind the backbone supports).")
+@click.option("-w", "--weights", default=None, help="Hub id, directory or checkpoint file ('hub' = the spec's hub id).")
+@click.option("--size", type=click.IntRange(min=1), default=None, help="Square input size (default: the spec's).")
+@click.option("--tile", type=click.IntRange(min=1), default=None, help="Tile side in pixels (default: the input size).")
+@click.option("--seed", type=int, default=0, help="Seed of random weights (no --weights).")
+def visualize(name, images, out_dir, kinds, weights, size, tile, seed) -> None:
+    """Write PNG pictures of what backbone NAME's features see in IMAGES (files or folders; default: the
+    bundled samples): PCA of the last tokens (pca), foreground PCA (pca_fg), CLS attention per head
+    (attention) and the norm of each pyramid level (norms)."""
+    import torch
+
+    from .factory import create_backbone
+    from .visualize import KINDS, supports_attention
+    from .visualize import visualize as draw
+
+    if not images:
+        images = (sample_dir(),)
+        _note(f"no images given: using the bundled sample images in {images[0]}")
+    paths = [p for item in images for p in (_image_paths(item) if item.is_dir() else [item])]
+    if weights is None:
+        _note(f"NOTE: no --weights given, {name} has RANDOM weights (seed {seed}): the pictures show the structure "
+              "of the input, not learned features. Pass --weights hub (or a checkpoint) for pretrained features.")
+    torch.manual_seed(seed)
+    model = create_backbone(name, weights=weights)
+    reason = supports_attention(model)
+    if reason and "attention" in kinds:
+        raise click.ClickException(f"cannot draw --kind attention: {reason}")
+    if not kinds:
+        kinds = tuple(k for k in KINDS if k != "attention" or not reason)
+        if reason:
+            _note(f"skipping the attention pictures: {reason}")
+    written = draw(model, paths, kinds, out_dir, size=size, tile=tile)
+    for path in written:
+        click.echo(str(path))
+    _note(f"wrote {len(written)} pictures ({', '.join(kinds)}) of {len(paths)} images to {out_dir}")
 
 
 def _image_paths(folder: Path) -> list[Path]:
