@@ -54,17 +54,13 @@ def create(model: str, kwargs: dict, dynamic_size: bool | None = None):
     whether it took ``dynamic_img_size``."""
     import timm
 
-    attempts = [True, False] if dynamic_size is None else [dynamic_size]
-    for i, dynamic in enumerate(attempts):
+    if dynamic_size is not False:
         try:
-            net = timm.create_model(model, pretrained=False, num_classes=0,
-                                    **({"dynamic_img_size": True} if dynamic else {}), **kwargs)
+            return timm.create_model(model, pretrained=False, num_classes=0, dynamic_img_size=True, **kwargs), True
         except TypeError:
-            if i + 1 < len(attempts):
-                continue
-            raise
-        return net, dynamic
-    raise AssertionError("unreachable")
+            if dynamic_size:
+                raise
+    return timm.create_model(model, pretrained=False, num_classes=0, **kwargs), False
 
 
 @functools.lru_cache(maxsize=512)
