@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence, TypeVar
 
 import torch
 from torch import nn
@@ -12,7 +12,12 @@ from .errors import InputDtypeError, InputShapeError, InvalidOptionError, LayerI
 from .layers.pyramid import SimpleFeaturePyramid
 from .specs import NECK, PYRAMID_LEVELS, BackboneSpec, FeatureInfo, Tokens
 
+if TYPE_CHECKING:
+    from .weights import LoadReport
+
 __all__ = ["Backbone", "PYRAMID_LEVELS"]
+
+_B = TypeVar("_B", bound="Backbone")
 
 #: state-dict prefix of the neck in checkpoints written before the neck moved into the base class
 _LEGACY_NECK_PREFIX = "simple_" + "pyramid."
@@ -37,6 +42,8 @@ class Backbone(nn.Module):
     #: state-dict prefixes a foreign checkpoint need not contain (e.g. a mask token used only in
     #: pre-training): strict loading reports them as initialized instead of failing
     optional_keys: tuple[str, ...] = ()
+    #: what loading the weights reported (set by ``create_backbone`` when given ``weights``)
+    load_report: LoadReport
 
     def __init__(self, spec: BackboneSpec):
         super().__init__()
@@ -53,7 +60,7 @@ class Backbone(nn.Module):
         else:
             self.neck = None
 
-    def train(self, mode: bool = True):
+    def train(self: _B, mode: bool = True) -> _B:
         """``nn.Module.train`` that keeps frozen parts and evaluated norms (``norm_eval``) in eval mode."""
         super().train(mode)
         if mode:
@@ -111,6 +118,7 @@ class Backbone(nn.Module):
         feats = self.features(images, pyr.sources)
         if pyr.native:
             return {info.name: feats[src] for info, src in zip(pyr.levels, pyr.sources)}
+        assert self.neck is not None  # built in __init__ for every non-native pyramid
         return self.neck(feats[pyr.sources[0]], tuple(images.shape[-2:]))
 
     def _no_pyramid_reason(self) -> str:

@@ -39,8 +39,20 @@ def _count(name: str) -> int:
         return sum(p.numel() for p in create_backbone(name, parts=()).parameters())
 
 
+def _gflops(name: str) -> float:
+    """GFLOPs of one ``embed`` forward at the default input size (multiply-add = 2 FLOPs), counted on
+    the meta device by :func:`backbone_sdk.cost.estimate`."""
+    from .cost import estimate
+
+    return estimate(name, method="embed").gflops
+
+
 def _human(n: int) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M" if n >= 1e5 else f"{n / 1e3:.1f} K"
+
+
+def _flops(g: float) -> str:
+    return f"{g:.0f}" if g >= 100 else f"{g:.1f}" if g >= 1 else f"{g:.2f}"
 
 
 def rows(include_test: bool = False) -> list[dict[str, Any]]:
@@ -50,7 +62,7 @@ def rows(include_test: bool = False) -> list[dict[str, Any]]:
         spec = get_spec(name)
         h, w = spec.input.image_size
         out.append({
-            "name": name, "family": spec.family, "params": _count(name), "input": f"{h}x{w}",
+            "name": name, "family": spec.family, "params": _count(name), "gflops": _gflops(name), "input": f"{h}x{w}",
             "levels": _levels(spec), "embed_dim": spec.embed_dim, "prefix": _prefix(spec),
             "parts": ", ".join(sorted(spec.config.optional_parts(spec.features))) if spec.config else "",
             "pyramid": "native" if spec.pyramid is not None and spec.pyramid.native else "simple",
@@ -67,8 +79,9 @@ def family_summaries(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
         families.setdefault(row["family"], []).append(row)
     out = []
     for family, items in families.items():
-        builder = get_spec(items[0]["name"]).builder or ""
-        module = importlib.import_module(builder.split(":")[0]) if ":" in builder else None
+        builder = get_spec(items[0]["name"]).builder
+        path = builder if isinstance(builder, str) else f"{builder.__module__}:"  # "module:function" or a callable
+        module = importlib.import_module(path.split(":")[0]) if ":" in path else None
         doc = (module.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ").replace("``", "`") if module else ""
         counts = [r["params"] for r in items]
         out.append({"family": family, "variants": len(items), "module": module.__name__ if module else "",
@@ -89,7 +102,9 @@ def _markdown() -> str:
         "",
         "Generated from the registry by `python -m backbone_sdk.catalog > docs/models.md` (a test checks that",
         "this page is current). Parameters: the backbone alone (no pyramid neck, no text tower), counted on",
-        "the meta device. `hub id` is what `weights=\"hub\"` downloads; every family also loads local",
+        "the meta device. GFLOPs: one image through `embed` at the default input, counted on the meta device",
+        "(multiply-add = 2; `backbone-sdk cost NAME --sizes ...` for other sizes, see [cost.md](cost.md)).",
+        "`hub id` is what `weights=\"hub\"` downloads; every family also loads local",
         "files and directories and the foreign layouts its plugin lists (see each module's docstring).",
         "Names that plugins resolve on demand, such as `timm/<model>` of the timm bridge",
         "([timm_bridge.md](timm_bridge.md)), are not registered and not listed.",
@@ -105,12 +120,13 @@ def _markdown() -> str:
         "",
         "## Backbones",
         "",
-        "| name | family | parameters | default input | feature levels | embed dim | prefix tokens | pyramid "
-        "| text | optional parts | hub id |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| name | family | parameters | GFLOPs | default input | feature levels | embed dim | prefix tokens "
+        "| pyramid | text | optional parts | hub id |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in table:
-        lines.append(f"| `{r['name']}` | {r['family']} | {_human(r['params'])} | {r['input']} | {r['levels']} "
+        lines.append(f"| `{r['name']}` | {r['family']} | {_human(r['params'])} | {_flops(r['gflops'])} | {r['input']} "
+                     f"| {r['levels']} "
                      f"| {r['embed_dim']} | {r['prefix']} | {r['pyramid']} | {'yes' if r['text'] else '-'} "
                      f"| {r['parts'] or '-'} | {r['hub_id'] or '-'} |")
     return "\n".join(lines) + "\n"

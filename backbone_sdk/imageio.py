@@ -55,7 +55,7 @@ class Decoded:
 def _time_limit(seconds: float | None):
     """Raise ``DecodeError("timeout")`` when the block runs longer than ``seconds`` (POSIX, main thread)."""
     usable = seconds and hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
-    if not usable:
+    if not usable or seconds is None:
         yield
         return
 

@@ -231,12 +231,15 @@ def use_registry(registry: Registry) -> Iterator[Registry]:
         _active.remove(registry)
 
 
-def list_backbones(pattern: str = "*", include_test: bool = True) -> list[str]:
-    """Sorted names of registered backbones matching a glob ``pattern`` (e.g. ``"vit_*"``)."""
+def list_backbones(pattern: str = "*", include_test: bool = False) -> list[str]:
+    """Sorted names of registered backbones matching a glob ``pattern`` (e.g. ``"vit_*"``).
+
+    The tiny random-init ``*_test`` variants (for tests and examples) are left out unless
+    ``include_test=True``, as in ``backbone-sdk list``."""
     return active_registry().names(pattern, include_test=include_test)
 
 
-def get_spec(name: str) -> BackboneSpec:
+def get_spec(name: str | BackboneSpec) -> BackboneSpec:
     """The :class:`BackboneSpec` registered as ``name`` (or ``plugin:name``); unknown names list close matches."""
     return active_registry().get(name)
 

@@ -171,16 +171,18 @@ class PyramidSpec:
 
 def derive_pyramid(features, parts: frozenset[str], neck_channels: int) -> PyramidSpec | None:
     """Native ``p2..p5`` when four levels have strides 4, 8, 16, 32; else the neck's, if included."""
-    by_stride = {}
+    by_stride: dict[int, FeatureInfo] = {}
     for info in features:
         by_stride.setdefault(info.stride, info)
     strides = [s for _, s in PYRAMID_LEVELS]
     if all(s in by_stride for s in strides):
         chosen = [by_stride[s] for s in strides]
-        return PyramidSpec([FeatureInfo(p, f.channels, s) for (p, s), f in zip(PYRAMID_LEVELS, chosen)],
-                           [f.name for f in chosen])
+        # ignore[misc]: mypy's attrs plugin cannot solve the type variable of ``converter=tuple``
+        return PyramidSpec([FeatureInfo(p, f.channels, s) for (p, s), f in zip(PYRAMID_LEVELS, chosen)],  # type: ignore[misc]
+                           [f.name for f in chosen])  # type: ignore[misc]
     if NECK in parts:
-        return PyramidSpec([FeatureInfo(p, neck_channels, s) for p, s in PYRAMID_LEVELS], [features[-1].name])
+        return PyramidSpec([FeatureInfo(p, neck_channels, s) for p, s in PYRAMID_LEVELS],  # type: ignore[misc]
+                           [features[-1].name])
     return None
 
 

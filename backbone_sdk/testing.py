@@ -173,7 +173,8 @@ def check_tokens(model: Backbone | str, batch: int = 2) -> None:
                 f"{spec.name}: run_layers sequence {tuple(seq.shape)}"
             assert torch.equal(seq[:, prefix.count:], tok.patches), f"{spec.name}: run_layers and tokens disagree"
     depth = len(spec.features)
-    for bad in (depth, -depth - 1, "1", 1.0):
+    bad_layers: tuple[Any, ...] = (depth, -depth - 1, "1", 1.0)  # wrong on purpose, types included
+    for bad in bad_layers:
         with pytest.raises(LayerIndexError):
             model.tokens(x, layer=bad)
 
@@ -275,7 +276,7 @@ def check_save_load(model: Backbone | str, tmp_path: str | Path) -> None:
     model = _model(model)
     path = save_weights(model, Path(tmp_path) / f"{model.spec.name.replace(':', '_')}.safetensors")
     name = f"{model.spec.plugin}:{model.spec.name}" if model.spec.plugin else model.spec.name
-    overrides = {"parts": model.spec.parts} if model.spec.config is not None else {}
+    overrides: dict[str, Any] = {"parts": model.spec.parts} if model.spec.config is not None else {}
     loaded = create_backbone(name, weights=path, **overrides).eval()
     assert loaded.load_report.exact, str(loaded.load_report)
     s = input_size(model.spec)
@@ -299,6 +300,7 @@ def override_candidates(spec: BackboneSpec | str) -> list[dict[str, Any]]:
         if not field.init:
             continue
         value = getattr(cfg, field.name)
+        candidates: list[Any]
         if field.name == "parts":
             optional = sorted(cfg.optional_parts(spec.features))
             candidates = [()] + [(p,) for p in optional] if optional else []

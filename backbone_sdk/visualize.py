@@ -22,6 +22,7 @@ import logging
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -129,7 +130,8 @@ def supports_attention(backbone: Backbone) -> str | None:
     if not spec.prefix_tokens.cls:
         return (f"{spec.name} ({spec.family}) has no CLS token ({spec.prefix_tokens}), so there is no CLS "
                 "attention map to draw. Use the 'pca' or 'norms' pictures instead.")
-    if not isinstance(getattr(backbone, "blocks", None), nn.ModuleList) or not len(backbone.blocks):
+    blocks = getattr(backbone, "blocks", None)
+    if not isinstance(blocks, nn.ModuleList) or not len(blocks):
         return f"{spec.name} does not expose its transformer blocks (Backbone.blocks), so its attention cannot be read."
     return None
 
@@ -163,7 +165,7 @@ def attention_maps(backbone: Backbone, images: torch.Tensor) -> torch.Tensor:
     reason = supports_attention(backbone)
     if reason:
         raise UnsupportedOperationError(reason)
-    last = backbone.blocks[-1]
+    last = cast(nn.ModuleList, backbone.blocks)[-1]  # checked by supports_attention
     backbone.check_images(images)
     grid = backbone.grid(images)
     prefix = backbone.spec.prefix_tokens.count
@@ -315,10 +317,11 @@ def _tile_size(size: tuple[int, int], tile: int | None) -> tuple[int, int]:
 
 def _panels(backbone: Backbone, batch: torch.Tensor, kinds: Sequence[str], fg_quantile: float) -> list[dict]:
     """For each image of ``batch``: ``{kind: [(label, [H, W, 3] uint8), ...]}``."""
-    size = tuple(batch.shape[-2:])
+    size = cast("tuple[int, int]", tuple(batch.shape[-2:]))
     out: list[dict] = [{} for _ in range(batch.shape[0])]
     if "pca" in kinds or "pca_fg" in kinds:
         tokens = backbone.tokens(batch, layer=-1)
+        assert tokens.grid is not None  # one batch tensor: every image has the same grid
         stride = backbone.feature_info[-1].stride
         for b, item in enumerate(out):
             patches = tokens.patches[b].float()
@@ -393,7 +396,7 @@ def visualize(backbone: Backbone | str, images, kinds: Iterable[str] | str | Non
             batch = preprocess(loaded[start:start + _BATCH], backbone.spec, size=size)
             with torch.inference_mode():
                 panels = _panels(backbone, batch.to(device=device, dtype=dtype), kinds, fg_quantile)
-            tile_size = _tile_size(tuple(batch.shape[-2:]), tile)
+            tile_size = _tile_size(cast("tuple[int, int]", tuple(batch.shape[-2:])), tile)
             for b, item in enumerate(panels):
                 shown = _to_uint8((batch[b] * std + mean).permute(1, 2, 0))
                 for kind in kinds:

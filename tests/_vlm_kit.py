@@ -29,6 +29,10 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def tokenizer():
+    return train_tokenizer()
+
+
+def train_tokenizer():
     """A BPE tokenizer trained here (adds BOS like Llama's); ``<image>`` is not in it yet."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast

@@ -13,7 +13,7 @@ import backbone_sdk  # noqa: E402
 
 def tiny_names() -> list[str]:
     """Every registered tiny test variant: contract tests run on all of them."""
-    return [n for n in backbone_sdk.list_backbones() if backbone_sdk.get_spec(n).is_test]
+    return [n for n in backbone_sdk.list_backbones(include_test=True) if backbone_sdk.get_spec(n).is_test]
 
 
 def full_names() -> list[str]:

@@ -21,7 +21,7 @@ from backbone_sdk.integrations.hf_backbone import (
 
 def _one_per_family() -> list[str]:
     seen, names = set(), []
-    for name in backbone_sdk.list_backbones():
+    for name in backbone_sdk.list_backbones(include_test=True):
         spec = backbone_sdk.get_spec(name)
         if spec.is_test and spec.family not in seen:
             seen.add(spec.family)

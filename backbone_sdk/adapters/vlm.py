@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence, cast
 
 import attrs
 import numpy as np
@@ -31,6 +31,7 @@ from ..backbone import Backbone
 from ..errors import InputShapeError, InvalidOptionError, LayerIndexError
 from ..factory import create_backbone
 from ..preprocess import preprocess
+from ..specs import Tokens
 from .finetune import FinetunePolicy, add_lora, apply_finetune
 
 __all__ = ["VisionTower", "build_projector", "pixel_shuffle", "tower_from_config", "PROJECTOR_TYPES", "LAYER_MERGES"]
@@ -98,6 +99,14 @@ def pixel_shuffle(patches: torch.Tensor, grid: tuple[int, int], factor: int = 2)
     gh, gw = (h + pad_h) // factor, (w + pad_w) // factor
     x = x.reshape(b, gh, factor, gw, factor, d).permute(0, 1, 3, 2, 4, 5)  # [b, i, j, dy, dx, d]
     return x.reshape(b, gh * gw, factor * factor * d)
+
+
+class _NaFlexBackbone(Protocol):
+    """What a native-resolution backbone (SigLIP 2 NaFlex) adds to :class:`Backbone`."""
+
+    def naflex_inputs(self, images: Sequence[Any], max_num_patches: int | None = None) -> Any: ...
+
+    def naflex_tokens(self, batch: Any, layer: int = -1) -> Tokens: ...
 
 
 def _policy_text(policy) -> str | None:
@@ -195,9 +204,11 @@ class VisionTower(nn.Module):
         self.drop_registers = drop_registers
         self.image_aspect = image_aspect
         size = spec.input.image_size if image_size is None else image_size
-        self.image_size = (size, size) if isinstance(size, int) else tuple(size)
-        #: ``select_layer`` as given (a list stays a list: it is what :attr:`config` stores)
-        self.select_layer = list(select_layer) if isinstance(select_layer, (list, tuple)) else select_layer
+        self.image_size = (size, size) if isinstance(size, int) else cast("tuple[int, int]", tuple(size))
+        #: ``select_layer`` as given (a list stays a list: it is what :attr:`config` stores); an int or a
+        #: list of ints once ``_layer_indices`` accepts it
+        given = list(select_layer) if isinstance(select_layer, (list, tuple)) else select_layer
+        self.select_layer = cast("int | list[int]", given)
         #: the tapped layers as indices into ``feature_info``, in ``select_layer`` order
         self.layers = self._layer_indices(spec, self.select_layer)
         self.levels = tuple(spec.features[i] for i in self.layers)
@@ -282,7 +293,7 @@ class VisionTower(nn.Module):
     @property
     def config(self) -> dict:
         """JSON-friendly arguments that rebuild this tower (used by ``MultimodalLM.save_pretrained``)."""
-        layers = list(self.select_layer) if self.multi_layer else self.select_layer
+        layers = list(self.select_layer) if isinstance(self.select_layer, list) else self.select_layer
         return {"backbone": self.spec.name, "select_layer": layers, "select_feature": self.select_feature,
                 "drop_registers": self.drop_registers, "finetune": self.finetune, "lora": self.lora,
                 "image_aspect": self.image_aspect, "image_size": list(self.image_size),
@@ -299,6 +310,7 @@ class VisionTower(nn.Module):
         if self.naflex:
             from ..plugins.siglip2 import naflex_size
 
+            assert self.max_num_patches is not None  # _budget() gives every NaFlex tower one
             h, w = naflex_size(h, w, self.spec.input.patch_size, self.max_num_patches)
         # the contract: every level is ceil(size / stride) (exact for patch models, which need H % patch == 0)
         gh, gw = math.ceil(h / stride), math.ceil(w / stride)
@@ -412,7 +424,7 @@ class VisionTower(nn.Module):
         return items
 
     def _forward_native(self, items: list) -> list[torch.Tensor]:
-        batch = self.backbone.naflex_inputs(items, self.max_num_patches)
+        batch = cast(_NaFlexBackbone, self.backbone).naflex_inputs(items, self.max_num_patches)
         context = contextlib.nullcontext() if self.trainable else torch.no_grad()
         with context:
             taps = self._native_taps(batch)
@@ -432,8 +444,9 @@ class VisionTower(nn.Module):
         """``naflex_tokens`` of each tapped layer; a list ``select_layer`` runs once, up to the deepest
         layer, and reads the others from forward hooks on ``stage_modules()`` (one per level)."""
         bb = self.backbone
-        if not self.multi_layer:
-            return [bb.naflex_tokens(batch, layer=self.select_layer)]
+        naflex = cast(_NaFlexBackbone, bb)
+        if not isinstance(self.select_layer, list):
+            return [naflex.naflex_tokens(batch, layer=self.select_layer)]
         groups = bb.stage_modules()[1:]
         seen: dict[int, torch.Tensor] = {}
 
@@ -444,7 +457,7 @@ class VisionTower(nn.Module):
 
         handles = [groups[i].register_forward_hook(keep(i)) for i in self.layers]
         try:
-            last = bb.naflex_tokens(batch, layer=max(self.layers))
+            last = naflex.naflex_tokens(batch, layer=max(self.layers))
         finally:
             for handle in handles:
                 handle.remove()
@@ -453,7 +466,7 @@ class VisionTower(nn.Module):
     def _taps(self, pixels: torch.Tensor) -> list:
         """:class:`~backbone_sdk.Tokens` of each tapped layer, from one pass that stops at the deepest."""
         bb = self.backbone
-        if not self.multi_layer:
+        if not isinstance(self.select_layer, list):
             return [bb.tokens(pixels, layer=self.select_layer)]
         bb.check_images(pixels)
         sequences = bb.run_layers(pixels, self.layers)

@@ -9,7 +9,7 @@ for CLIP-style models and an independent sigmoid per class for models with a ``l
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Protocol, Sequence, cast
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,14 @@ DEFAULT_TEMPLATES = (
 )
 
 
+class _TextTower(Protocol):
+    """What the ``"text"`` capability adds to a :class:`Backbone` (``logit_bias`` is optional)."""
+
+    logit_scale: torch.Tensor
+
+    def embed_text(self, texts: Sequence[str] | torch.Tensor) -> torch.Tensor: ...
+
+
 def _require_text(backbone: Backbone) -> None:
     if not backbone.spec.has("text"):
         raise TypeError(
@@ -41,7 +49,7 @@ def _require_text(backbone: Backbone) -> None:
 
 
 def _logits(backbone: Backbone, cosine: torch.Tensor) -> torch.Tensor:
-    logits = backbone.logit_scale.exp().float() * cosine
+    logits = cast(_TextTower, backbone).logit_scale.exp().float() * cosine
     bias = getattr(backbone, "logit_bias", None)
     return logits if bias is None else logits + bias.float()
 
@@ -67,7 +75,8 @@ def text_classifier(backbone: Backbone, class_names: Sequence[str], templates: S
     if any("{}" not in t for t in templates):
         raise ValueError("every template needs a '{}' placeholder for the class name")
     prompts = [t.format(c) for c in class_names for t in templates]
-    chunks = [backbone.embed_text(prompts[i:i + batch_size]) for i in range(0, len(prompts), batch_size)]
+    tower = cast(_TextTower, backbone)
+    chunks = [tower.embed_text(prompts[i:i + batch_size]) for i in range(0, len(prompts), batch_size)]
     emb = F.normalize(torch.cat(chunks).float(), dim=-1).view(len(class_names), len(templates), -1)
     return F.normalize(emb.mean(dim=1), dim=-1)
 
@@ -109,5 +118,6 @@ def similarity(backbone: Backbone, images: torch.Tensor, texts: Sequence[str] | 
     strings or the backbone's token ids."""
     _require_text(backbone)
     image = F.normalize(backbone.embed(images).float(), dim=-1)
-    text = F.normalize(backbone.embed_text(texts if isinstance(texts, torch.Tensor) else list(texts)).float(), dim=-1)
+    tower = cast(_TextTower, backbone)
+    text = F.normalize(tower.embed_text(texts if isinstance(texts, torch.Tensor) else list(texts)).float(), dim=-1)
     return _logits(backbone, image @ text.T)

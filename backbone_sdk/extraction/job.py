@@ -240,7 +240,8 @@ class _Job:
 
     def shard(self, shard: int, bar) -> dict:
         rows = iter_shard_rows(self.layout, shard)
-        embs, maps, meta = [], {}, []
+        embs, meta = [], []
+        maps: dict[str, list[torch.Tensor]] = {}
         start = clock = time.perf_counter()
         for items, pixels in self.loader(rows):
             now = time.perf_counter()

@@ -20,7 +20,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -237,7 +237,7 @@ def read_extraction_dir(root) -> Extraction:
     return Extraction(root)
 
 
-def iter_shard_rows(layout: Layout, shard: int) -> Iterable[dict]:
+def iter_shard_rows(layout: Layout, shard: int) -> list[dict]:
     import pyarrow.parquet as pq
 
     return pq.ParquetFile(layout.manifest).read_row_group(shard).to_pylist()

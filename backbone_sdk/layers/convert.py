@@ -10,7 +10,7 @@ import torch
 __all__ = ["rename", "split_fused", "split_qkv", "has_keys", "strip_prefixes", "convert_detected"]
 
 
-def rename(state: Mapping[str, torch.Tensor], rules: Iterable[tuple[str, object]],
+def rename(state: Mapping[str, torch.Tensor], rules: Iterable[tuple[str, str | Callable[[re.Match[str]], str]]],
            drop: Iterable[str] = ()) -> dict[str, torch.Tensor]:
     """Apply regex ``(pattern, replacement)`` rules in order to every key; drop keys matching ``drop``."""
     compiled = [(re.compile(p), r) for p, r in rules]
@@ -40,8 +40,10 @@ def split_qkv(state: dict[str, torch.Tensor], fused: str, separate: str = "{c}_p
     """Split fused qkv ``weight``/``bias`` tensors (keys ``<prefix>.<fused>.weight``) into
     ``<prefix>.<separate with c = q, k, v>.weight``."""
     for kind in ("weight", "bias"):
-        split_fused(state, f".{fused}.{kind}",
-                    lambda p, kind=kind: tuple(f"{p}.{separate.format(c=c)}.{kind}" for c in "qkv"))
+        def targets(p: str, kind: str = kind) -> tuple[str, ...]:
+            return tuple(f"{p}.{separate.format(c=c)}.{kind}" for c in "qkv")
+
+        split_fused(state, f".{fused}.{kind}", targets)
     return state
 
 
@@ -70,8 +72,10 @@ def convert_detected(state: Mapping[str, torch.Tensor], source_format: str | Non
     ``same_layout``: groups of format names whose state dicts look alike (e.g. an original release and
     timm's copy of it): a requested format of the group is accepted when detection found another one.
     """
+    if detected is None:
+        return None
     fmt = source_format or detected
-    if detected is None or fmt not in converters:
+    if fmt not in converters:
         return None
     if fmt != detected and not any({fmt, detected} <= set(group) for group in same_layout):
         return None

@@ -138,7 +138,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     tokenizer = train_tokenizer()
-    known = set(bs.list_backbones())
+    known = set(bs.list_backbones(include_test=True))
     towers = list(dict.fromkeys(name if name in known else "vit_test" for name in args.towers))
     for name in towers:
         run(name, args, tokenizer)
