@@ -11,9 +11,6 @@ import importlib
 import sys
 from typing import Any
 
-import torch
-
-from .factory import create_backbone
 from .registry import Registry, get_spec, list_backbones, use_registry
 
 __all__ = ["rows", "markdown", "family_summaries"]
@@ -34,17 +31,13 @@ def _prefix(spec) -> str:
     return " + ".join(parts) or "-"
 
 
-def _count(name: str) -> int:
-    with torch.device("meta"):
-        return sum(p.numel() for p in create_backbone(name, parts=()).parameters())
-
-
-def _gflops(name: str) -> float:
-    """GFLOPs of one ``embed`` forward at the default input size (multiply-add = 2 FLOPs), counted on
-    the meta device by :func:`backbone_sdk.cost.estimate`."""
+def _cost(name: str):
+    """Parameters and GFLOPs of one ``embed`` forward at the default input size (multiply-add = 2
+    FLOPs), from one build on the meta device by :func:`backbone_sdk.cost.estimate` (the backbone
+    alone: ``embed`` needs no optional part)."""
     from .cost import estimate
 
-    return estimate(name, method="embed").gflops
+    return estimate(name, method="embed")
 
 
 def _human(n: int) -> str:
@@ -61,8 +54,9 @@ def rows(include_test: bool = False) -> list[dict[str, Any]]:
     for name in list_backbones(include_test=include_test):
         spec = get_spec(name)
         h, w = spec.input.image_size
+        cost = _cost(name)
         out.append({
-            "name": name, "family": spec.family, "params": _count(name), "gflops": _gflops(name), "input": f"{h}x{w}",
+            "name": name, "family": spec.family, "params": cost.params, "gflops": cost.gflops, "input": f"{h}x{w}",
             "levels": _levels(spec), "embed_dim": spec.embed_dim, "prefix": _prefix(spec),
             "parts": ", ".join(sorted(spec.config.optional_parts(spec.features))) if spec.config else "",
             "pyramid": "native" if spec.pyramid is not None and spec.pyramid.native else "simple",
