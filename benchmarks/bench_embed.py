@@ -281,7 +281,7 @@ def main(argv=None) -> int:
         args.iters, args.warmup = 2, 1
     if args.threads:
         torch.set_num_threads(args.threads)
-    registered = set(bs.list_backbones())
+    registered = set(bs.list_backbones(include_test=True))
     wanted = [n for n in args.only.split(",") if n]
     names = wanted or [tiny if args.quick else full for full, tiny in VARIANTS.values()]
     rows = []
