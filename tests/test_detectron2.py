@@ -558,6 +558,10 @@ def test_example_script_runs(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "total_loss: first" in result.stdout and (tmp_path / "model_final.pth").is_file()
+    # quiet by default: no model repr, no per-iteration log, no third-party warnings (--verbose has them)
+    output = result.stdout + result.stderr
+    assert "GeneralizedRCNN(" not in output and "Warning" not in output, output[-3000:]
+    assert len(output.splitlines()) <= 5, output[-3000:]
 
 
 def test_example_yaml_merges_on_model_zoo_base():

@@ -475,6 +475,9 @@ def test_example_script_runs_with_a_config(tmp_path):
         capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "iterations 4" in result.stdout and (tmp_path / "iter_4.pth").is_file()
+    output = result.stdout + result.stderr  # quiet by default: no config dump, no deprecation warnings
+    assert "decode_head" not in output and "WARNING" not in output and "Warning" not in output, output[-3000:]
+    assert len(output.splitlines()) <= 4, output[-3000:]
 
 
 # -- missing framework -------------------------------------------------------------------------------------

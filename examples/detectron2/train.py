@@ -14,15 +14,19 @@ The synthetic dataset (coloured rectangles on dark noise, one class per colour, 
 masks) is written as PNG files under ``<output-dir>/data`` and registered in detectron2's
 ``DatasetCatalog``/``MetadataCatalog``, then read by detectron2's own ``DatasetMapper`` (in RGB).
 Training runs through detectron2's ``DefaultTrainer`` (yacs) or ``SimpleTrainer`` (LazyConfig).
-``--tiny`` shrinks the heads and the proposal counts for CPU smoke runs.
+``--tiny`` shrinks the heads and the proposal counts for CPU smoke runs. Runs are seeded (``--seed``)
+and quiet: one line at the end (loss first -> last, where the output went); ``--verbose`` shows
+detectron2's own log (model repr, per-iteration metrics) and third-party warnings.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -185,6 +189,24 @@ def train_lazy(cfg, iters: int):
     return trainer
 
 
+def quiet_logs() -> None:
+    """Hide detectron2's INFO log (model repr, metrics), torch's and third-party warnings.
+
+    detectron2's ``DefaultTrainer`` installs its own console logger when the ``detectron2`` logger is
+    not enabled for INFO; an INFO-level logger whose only handler passes warnings keeps it out.
+    """
+    warnings.filterwarnings("ignore")
+    logger = logging.getLogger("detectron2")
+    logger.setLevel(logging.INFO)
+    handler = logging.StreamHandler()
+    handler.setLevel(logging.WARNING)
+    logger.addHandler(handler)
+    logger.propagate = False
+    import torch  # noqa: F401  (torch configures its loggers on import; quiet them afterwards)
+
+    logging.getLogger("torch").setLevel(logging.ERROR)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backbone", help="backbone_sdk name (default: the one in the config)")
@@ -195,7 +217,14 @@ def main(argv=None):
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--size", type=int, default=96, help="longest image side")
     parser.add_argument("--output-dir", default=None, help="default: a temporary directory")
+    parser.add_argument("--seed", type=int, default=0, help="seeds torch, numpy and python's random")
+    parser.add_argument("--verbose", action="store_true", help="detectron2's log and third-party warnings")
     args = parser.parse_args(argv)
+    if not args.verbose:
+        quiet_logs()
+    from detectron2.utils.env import seed_all_rng
+
+    seed_all_rng(args.seed)
 
     output = Path(args.output_dir or tempfile.mkdtemp(prefix="d2_sdk_"))
     dataset = register_synthetic("sdk_synthetic_train", output / "data", size=(args.size * 2 // 3, args.size))

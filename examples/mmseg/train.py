@@ -12,7 +12,9 @@ one class per colour, so the loss falls within a few dozen iterations even on a 
 With ``--config`` the model comes from that file; ``--backbone`` then swaps the backbone name (and
 refits the data preprocessor and decode-head channels to it), which is how the real-size example
 configs are smoke-tested with tiny backbones; without ``--backbone`` the real-size model is built and
-its hub weights are fetched.
+its hub weights are fetched. Runs are seeded (``--seed``) and quiet: one line at the end (loss
+first -> last, where the checkpoints went); ``--verbose`` shows mmengine's log (config dump, per-10-
+iteration metrics) and third-party warnings.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -147,7 +150,11 @@ def main(argv=None):
     parser.add_argument("--iters", type=int, default=40)
     parser.add_argument("--work-dir", default=None)
     parser.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --work-dir")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--verbose", action="store_true", help="mmengine's log and third-party warnings")
     args = parser.parse_args(argv)
+    if not args.verbose:
+        warnings.filterwarnings("ignore")
 
     from mmengine.config import Config
     from mmengine.runner import Runner
@@ -161,7 +168,8 @@ def main(argv=None):
     else:
         model = tiny_model(args.backbone or "resnet_test")
     cfg = Config(runner_cfg(model, data_root, work_dir, iters=args.iters, checkpoint_interval=max(args.iters // 2, 1)))
-    cfg.log_level = "INFO"
+    cfg.log_level = "INFO" if args.verbose else "ERROR"  # mmengine warns about its own deprecations
+    cfg.randomness = dict(seed=args.seed)
     cfg.resume = args.resume
     runner = Runner.from_cfg(cfg)
     runner.train()
