@@ -89,6 +89,10 @@ def _files_in(directory: Path) -> list[Path]:
     )
 
 
+#: fetched with the weights: configs, and tokenizer files (SentencePiece ``*.model``, BPE vocab/merges)
+_SIDECARS = ("*.json", "*.model", "*.txt")
+
+
 def _download(hub_id: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
@@ -97,10 +101,10 @@ def _download(hub_id: str) -> Path:
     repo, _, revision = hub_id.partition("@")
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     try:
-        path = snapshot_download(repo, revision=revision or None, allow_patterns=["*.safetensors", "*.json"],
+        path = snapshot_download(repo, revision=revision or None, allow_patterns=["*.safetensors", *_SIDECARS],
                                  local_files_only=offline)
         if not list(Path(path).glob("*.safetensors")):
-            path = snapshot_download(repo, revision=revision or None, allow_patterns=["*.bin", "*.pth", "*.json"],
+            path = snapshot_download(repo, revision=revision or None, allow_patterns=["*.bin", "*.pth", *_SIDECARS],
                                      local_files_only=offline)
     except Exception as exc:
         mode = "offline mode (HF_HUB_OFFLINE=1) and it is not in the local cache" if offline else "download failed"

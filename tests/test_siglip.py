@@ -204,6 +204,16 @@ def test_tokenizer_comes_from_the_weights_directory(hf_pair, tmp_path):
         assert _max(model.embed_text("a cat"), ref.get_text_features(input_ids=model.tokenize("a cat")).pooler_output) <= TOL
 
 
+def test_weights_directory_without_a_tokenizer_is_not_taken_for_one(hf_pair, tmp_path):
+    """A checkpoint-only folder (e.g. a hub snapshot fetched without tokenizer files) is not the tokenizer
+    source: tokenize() then says how to get one instead of failing inside AutoTokenizer on that folder."""
+    ref, _ = hf_pair
+    ref.save_pretrained(tmp_path)
+    model = bs.create_backbone("siglip_test", weights=str(tmp_path))
+    with pytest.raises(bs.UnsupportedOperationError, match="load_tokenizer"):
+        model.tokenize("a cat")
+
+
 def test_missing_tokenizer_says_how_to_get_one():
     with pytest.raises(bs.UnsupportedOperationError, match="load_tokenizer"):
         _ours().tokenize("a cat")

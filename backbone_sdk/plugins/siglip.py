@@ -44,6 +44,7 @@ format ``"timm"``, which hold no text tower: load them without the ``"text"`` pa
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Sequence
 
 import attrs
@@ -238,8 +239,9 @@ class SigLIP(TextCheckpointing, PlainViT):
     # -- weights and training support -------------------------------------------------------------
     def read_pretrained(self, directory):
         state = read_hf_pretrained(self.model, directory)
-        if state is not None and self._tokenizer is None and self._tokenizer_source is None:
-            self._tokenizer_source = directory  # a saved model directory usually holds its tokenizer too
+        if (state is not None and self._tokenizer is None and self._tokenizer_source is None
+                and any((Path(directory) / name).is_file() for name in _TOKENIZER_FILES)):
+            self._tokenizer_source = str(directory)  # a saved model directory often holds its tokenizer too
         return state
 
     def no_weight_decay(self) -> set[str]:
@@ -255,6 +257,8 @@ def build(spec: BackboneSpec) -> SigLIP:
 
 
 # tower: (dim, depth, heads, mlp_dim); the text towers of B/L/so400m equal their image towers
+#: files whose presence marks a directory as holding a transformers tokenizer
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "spiece.model")
 _B = (768, 12, 12, 3072)
 _L = (1024, 24, 16, 4096)
 _SO400M = (1152, 27, 16, 4304)
