@@ -13,6 +13,7 @@ from .layers.pyramid import SimpleFeaturePyramid
 from .specs import NECK, PYRAMID_LEVELS, BackboneSpec, FeatureInfo, Tokens
 
 if TYPE_CHECKING:
+    from .optimize import OptimizationReport
     from .weights import LoadReport
 
 __all__ = ["Backbone", "PYRAMID_LEVELS"]
@@ -44,6 +45,9 @@ class Backbone(nn.Module):
     optional_keys: tuple[str, ...] = ()
     #: what loading the weights reported (set by ``create_backbone`` when given ``weights``)
     load_report: LoadReport
+    #: whether :meth:`optimize` switches the weights to ``torch.channels_last`` (convolutional nets)
+    prefers_channels_last: bool = False
+    _optimization: OptimizationReport | None = None
 
     def __init__(self, spec: BackboneSpec):
         super().__init__()
@@ -62,6 +66,11 @@ class Backbone(nn.Module):
 
     def train(self: _B, mode: bool = True) -> _B:
         """``nn.Module.train`` that keeps frozen parts and evaluated norms (``norm_eval``) in eval mode."""
+        if mode and self._optimization is not None and self._optimization.folded_norms:
+            raise UnsupportedOperationError(
+                f"{self.spec.name} was optimized for inference: {self._optimization.folded_norms} BatchNorm layers are "
+                "folded into their convolutions, which training must not update as one. Call "
+                "backbone.optimization.undo() before train().")
         super().train(mode)
         if mode:
             for module in self.keep_eval:
@@ -188,6 +197,41 @@ class Backbone(nn.Module):
         n, first = prefix.count, int(prefix.cls)
         return Tokens(patches=x[:, n:], grid=grid, cls=x[:, 0] if prefix.cls else None,
                       registers=x[:, first:n] if prefix.extra else None)
+
+    # -- inference optimization ------------------------------------------------------------------
+    def optimize(self, *, dtype: torch.dtype | str | None = None, compile: bool = False, fold_norms: bool = True,
+                 channels_last: bool | None = None, example: torch.Tensor | None = None,
+                 compile_options: dict | None = None) -> OptimizationReport:
+        """Make this backbone faster for inference; returns what changed (``report.changes``), and
+        ``report.undo()`` (also ``backbone.optimization.undo()``) restores it exactly.
+
+        :param dtype: cast the weights once (``torch.bfloat16`` / ``"bf16"``, ``"fp16"``); images must
+            then come in that dtype. ``None`` keeps the dtype.
+        :param compile: replace ``embed``/``features``/``pyramid`` by ``torch.compile`` d versions with
+            inductor weight freezing (opt-in: compiling takes seconds to minutes; each new input shape
+            compiles again). ``compile_options`` are passed on to ``torch.compile(options=...)``.
+        :param fold_norms: fold eval-mode BatchNorm layers into the convolutions before them (families
+            with BatchNorm; a no-op elsewhere). Afterwards ``train()`` raises until undone.
+        :param channels_last: NHWC weights; default: the family's ``prefers_channels_last``.
+        :param example: a batch to run once after compiling, to measure ``report.compile_seconds``.
+
+        Outputs match the unoptimized backbone to float rounding (1e-4 in fp32; see the parity tests).
+        Calling it again first undoes the previous optimization.
+        """
+        from .optimize import optimize
+
+        return optimize(self, dtype=dtype, compile=compile, fold_norms=fold_norms, channels_last=channels_last,
+                        example=example, compile_options=compile_options)
+
+    @property
+    def optimization(self) -> OptimizationReport | None:
+        """The active :meth:`optimize` report, ``None`` when not optimized (or undone)."""
+        return self._optimization
+
+    def norm_folding_pairs(self) -> list[tuple[nn.Module, str, str]]:
+        """``(owner, conv_attr, norm_attr)`` for each convolution directly followed by a BatchNorm that
+        :meth:`optimize` may fold; families with BatchNorm override this (default: none)."""
+        return []
 
     # -- training support ----------------------------------------------------------------------
     def trunk_context(self):

@@ -356,6 +356,9 @@ def _verify(directory: str) -> None:
 @click.option("--size", type=click.IntRange(min=1), default=None, help="Square input size (default: the spec's).")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", help="Inference dtype.")
 @click.option("--channels-last", is_flag=True, help="channels_last memory format for the model and inputs.")
+@click.option("--optimize/--no-optimize", "optimize", default=True, show_default=True,
+              help="Backbone.optimize(): fold BatchNorm into convolutions, the family's memory format.")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the backbone (compiles once per input size).")
 @click.option("--device", default=None, help="Device (default: the local rank's GPU if any, else cpu).")
 @click.option("--max-failure-rate", type=click.FloatRange(0, 1), default=0.5,
               help="Stop when more than this fraction of images fail (after 50).")
@@ -369,7 +372,7 @@ def _verify(directory: str) -> None:
 @click.option("--ray-tasks", type=click.IntRange(min=1), default=2, help="Ray worker tasks.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads per process.")
 def extract(inputs, name, weights, output, fmt, store, normalize, maps, batch_size, shard_size, workers, size, dtype,
-            channels_last, device, max_failure_rate, decode_timeout, seed, overwrite, engine, ray_address, ray_tasks,
+            channels_last, optimize, compile_, device, max_failure_rate, decode_timeout, seed, overwrite, engine, ray_address, ray_tasks,
             threads) -> None:
     """Embed images of INPUTS (folders, file lists .txt/.csv/.parquet, tar shards such as
     'data/{00000..00009}.tar'; default: the bundled samples). `extract verify DIR` checks an output."""
@@ -391,7 +394,8 @@ def extract(inputs, name, weights, output, fmt, store, normalize, maps, batch_si
 
     output = output or Path("extraction")
     settings = ExtractionSettings(backbone=name, weights=weights, size=size, store=store, normalize=normalize,
-                                  maps=maps, dtype=dtype, channels_last=channels_last, batch_size=batch_size,
+                                  maps=maps, dtype=dtype, channels_last=channels_last, optimize=optimize,
+                                  compile=compile_, batch_size=batch_size,
                                   shard_size=shard_size, workers=workers, device=device,
                                   max_failure_rate=max_failure_rate, decode_timeout=decode_timeout, seed=seed,
                                   threads=threads)

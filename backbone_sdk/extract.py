@@ -30,6 +30,7 @@ def run_extraction(paths: Sequence[Path], name: str, weights=None, output: Path 
     from tqdm import tqdm
 
     model = create_backbone(name, weights=weights).to(device).eval()
+    model.optimize()  # BatchNorm folding and the family's memory format; exact to float rounding
     tensors: dict[str, list[torch.Tensor]] = {"embeddings": []}
     bar = tqdm(total=len(paths), unit="img", disable=not progress)
     with torch.inference_mode():

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import attrs
 import torch
 
-from .errors import CheckpointError, CheckpointMismatchError, InvalidOptionError
+from .errors import CheckpointError, CheckpointMismatchError, InvalidOptionError, UnsupportedOperationError
 
 __all__ = ["LoadReport", "resolve_checkpoint", "resolve_source", "looks_local", "read_state_dict", "load_weights",
            "save_weights"]
@@ -371,6 +371,11 @@ def save_weights(backbone, path: str | os.PathLike) -> Path:
     """Write the backbone's state dict to ``path`` as safetensors, with its spec as metadata."""
     from safetensors.torch import save_file
 
+    report = getattr(backbone, "optimization", None)
+    if report is not None and report.folded_norms:
+        raise UnsupportedOperationError(
+            f"{backbone.spec.name} is optimized for inference ({'; '.join(report.changes)}): its state dict is "
+            "not the checkpoint layout. Call backbone.optimization.undo() before save_weights().")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     seen: dict[tuple[int, int], str] = {}

@@ -32,3 +32,31 @@ def test_bench_embed_quick_run_agrees_with_transformers(capsys):
     assert bench.main(["--quick", "--only", tiny]) == 0
     out = capsys.readouterr().out
     assert all(t in out for t in tiny.split(","))
+
+
+@pytest.mark.slow
+def test_bench_embed_optimized_bf16_quick_run(capsys):
+    """--optimize --dtype bf16: optimize() on ours, channels_last on the CNN peer, the GEMM ceilings and the
+    bf16 cosine check all run."""
+    bench = _script("bench_embed")
+    assert bench.main(["--quick", "--only", "resnet_test,vit_test", "--optimize", "--dtype", "bf16"]) == 0
+    out = capsys.readouterr().out
+    assert "GEMM ceilings" in out and "bf16, optimize()" in out and "cos " in out
+    assert "resnet_test: folded" in out and "weights cast to torch.bfloat16" in out
+
+
+@pytest.mark.slow
+def test_bench_embed_compiled_quick_run(capsys):
+    bench = _script("bench_embed")
+    assert bench.main(["--quick", "--only", "resnet_test", "--compile"]) == 0
+    out = capsys.readouterr().out
+    assert "optimize()+compile" in out and "ours/peer eager" in out and "compiled embed" in out
+
+
+def test_gpu_embed_says_it_needs_cuda(capsys, monkeypatch):
+    """On a machine without CUDA (CI) the GPU benchmark stops at once with a pointer to the CPU one."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _script("gpu_embed").main([]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err

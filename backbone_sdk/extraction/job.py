@@ -54,6 +54,10 @@ class ExtractionSettings:
     maps: str = attrs.field(default="none", validator=attrs.validators.in_(("none", "pyramid", "features")))
     dtype: str = attrs.field(default="fp32", validator=attrs.validators.in_(tuple(DTYPES)))
     channels_last: bool = False
+    #: ``Backbone.optimize()`` before extracting (BatchNorm folding, the family's memory format)
+    optimize: bool = True
+    #: ``torch.compile`` the backbone too (opt-in: worth it for long runs at one input size)
+    compile: bool = False
     batch_size: int = 32
     shard_size: int = 10_000
     workers: int | None = None
@@ -322,7 +326,10 @@ def _load_model(settings: ExtractionSettings, local_rank: int):
     torch.manual_seed(settings.seed)  # random weights are reproducible: a resumed run computes the same
     model = create_backbone(settings.backbone, weights=settings.weights, weights_format=settings.weights_format)
     model = model.to(device=device, dtype=DTYPES[settings.dtype]).eval()
-    if settings.channels_last:
+    if settings.optimize or settings.compile:
+        report = model.optimize(compile=settings.compile, channels_last=True if settings.channels_last else None)
+        log.info("%s: %s", settings.backbone, "; ".join(report.changes) or "nothing to optimize")
+    elif settings.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model, device
 
