@@ -62,13 +62,13 @@ def bench(name: str, dtype: torch.dtype, args, peers) -> dict:
     x32 = torch.randn(args.batch, 3, args.size, args.size, device="cuda")
     with torch.inference_mode():
         reference = ours.embed(x32).float()
-    report = ours.optimize(dtype=dtype, compile=args.compile)
+    report = ours.optimize(dtype=dtype, compile=args.compile, compile_options=peers.COMPILE_OPTIONS)
     peer_lib, peer = peers.PEER[family](spec)
     peer = peer.cuda().eval().to(dtype)
     if family in peers.CNN_FAMILIES:
         peer = peer.to(memory_format=torch.channels_last)
     x = x32.to(dtype)
-    fns = {"ours": ours.embed, "peer": torch.compile(peer) if args.compile else peer}
+    fns = {"ours": ours.embed, "peer": torch.compile(peer, options=peers.COMPILE_OPTIONS) if args.compile else peer}
     start = time.perf_counter()
     with torch.inference_mode():
         for fn in fns.values():
