@@ -228,6 +228,12 @@ class Backbone(nn.Module):
         """The active :meth:`optimize` report, ``None`` when not optimized (or undone)."""
         return self._optimization
 
+    def unbuilt_key_prefixes(self) -> tuple[str, ...]:
+        """Native state-dict prefixes of optional parts this instance was built without (e.g. a CLIP
+        text tower): checkpoints of the full model load with those keys ignored. Default: the neck's
+        keys when it was not built."""
+        return ("neck.",) if self.neck is None else ()
+
     def norm_folding_pairs(self) -> list[tuple[nn.Module, str, str]]:
         """``(owner, conv_attr, norm_attr)`` for each convolution directly followed by a BatchNorm that
         :meth:`optimize` may fold; families with BatchNorm override this (default: none)."""

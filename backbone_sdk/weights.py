@@ -238,6 +238,9 @@ def _strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torc
 
 def _convert(backbone, state: dict[str, torch.Tensor], weights_format: str | None):
     native = backbone.state_dict()
+    unbuilt = backbone.unbuilt_key_prefixes() if hasattr(backbone, "unbuilt_key_prefixes") else ()
+    if unbuilt:  # a full checkpoint (e.g. save_weights of a CLIP with its text tower) into a partial build
+        state = {k: v for k, v in state.items() if not k.startswith(unbuilt)}
     if weights_format in ("native", "backbone_sdk"):
         return state, "native"
     if weights_format is None:

@@ -343,3 +343,16 @@ def test_save_load_round_trip_is_exact(open_clip_model, tmp_path):
     with torch.no_grad():
         assert torch.equal(model.embed(x), loaded.embed(x))
         assert torch.equal(model.embed_text(TEXTS), loaded.embed_text(TEXTS))
+
+
+@pytest.mark.parametrize("name", ["clip_test", "siglip_test"])
+def test_full_checkpoint_loads_into_a_tower_built_without_text(name, tmp_path):
+    """save_weights of the full model (text tower included) loads strictly into parts=(): the text keys
+    of the unbuilt part are ignored, the image tower is exact."""
+    full = bs.create_backbone(name).eval()
+    path = bs.save_weights(full, tmp_path / "full.safetensors")
+    tower = bs.create_backbone(name, weights=str(path), parts=()).eval()
+    assert tower.load_report.exact
+    x = torch.randn(1, 3, *full.spec.input.image_size)
+    with torch.no_grad():
+        assert torch.equal(tower.embed(x), full.embed(x))

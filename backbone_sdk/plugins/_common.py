@@ -107,6 +107,13 @@ class TextCheckpointing:
     gradient checkpointing covers the vision blocks (the base class) and the text blocks (transformers)."""
 
     text_checkpointing = False
+    #: native-key prefixes of the text tower and its contrastive head
+    text_key_prefixes = ("model.text_model.", "model.text_projection.", "model.logit_scale", "model.logit_bias")
+
+    def unbuilt_key_prefixes(self) -> tuple[str, ...]:
+        """A tower built without ``"text"`` ignores the text keys of a full checkpoint."""
+        own = () if self.model.text_model is not None else self.text_key_prefixes
+        return super().unbuilt_key_prefixes() + own  # type: ignore[misc]
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         super().set_grad_checkpointing(enable)
