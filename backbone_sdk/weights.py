@@ -362,9 +362,10 @@ def load_weights(backbone, source, *, weights_format=None, strict=True, sha256=N
     files = resolve_checkpoint(source)
     directory = _transformers_dir(files) if weights_format in (None, "transformers") and sha256 is None else None
     state = _read_via_transformers(backbone, directory) if directory is not None else None
-    if state is not None:
-        return load_state_dict(backbone, state, source=os.fspath(source), weights_format="native", strict=strict,
-                               allow_nonfinite=allow_nonfinite)
+    if state is not None:  # read by transformers' from_pretrained: native keys, from a transformers checkpoint
+        report = load_state_dict(backbone, state, source=os.fspath(source), weights_format="native", strict=strict,
+                                 allow_nonfinite=allow_nonfinite)
+        return attrs.evolve(report, format="transformers")
     state = read_state_dict(source, sha256=sha256)
     return load_state_dict(backbone, state, source=os.fspath(source), weights_format=weights_format, strict=strict,
                            allow_nonfinite=allow_nonfinite)

@@ -131,7 +131,7 @@ def test_transformers_save_pretrained_directories(name, tmp_path):
     ref = _hf_reference(model)
     ref.save_pretrained(tmp_path / "vision")
     loaded = _ours(name, weights=str(tmp_path / "vision"))
-    assert loaded.load_report.exact and loaded.load_report.format == "native"
+    assert loaded.load_report.exact and loaded.load_report.format == "transformers"
     _assert_matches_transformers(loaded, ref, torch.randn(1, 3, NATIVE, NATIVE))
     full = _full_model(model.model.config)
     full.save_pretrained(tmp_path / "full")  # an Aimv2Model directory: read as a state dict and converted
