@@ -5,6 +5,7 @@
 >>> maps = model.features(images)       # {"stage1": [B,256,H/4,W/4], ..., "stage4": [B,2048,H/32,W/32]}
 """
 
+from .allocator import AllocatorTuning, tune_cpu_allocator
 from .backbone import PYRAMID_LEVELS, Backbone
 from .errors import (
     BackboneSDKError,
@@ -40,6 +41,8 @@ from .weights import LoadReport, load_weights, save_weights
 __version__ = "0.1.0"
 
 __all__ = [
+    "AllocatorTuning",
+    "tune_cpu_allocator",
     "NECK",
     "PYRAMID_LEVELS",
     "Backbone",

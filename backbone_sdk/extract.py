@@ -8,6 +8,7 @@ from typing import Sequence
 
 import torch
 
+from .allocator import tune_cpu_allocator
 from .factory import create_backbone
 from .preprocess import load_image, preprocess
 
@@ -31,6 +32,8 @@ def run_extraction(paths: Sequence[Path], name: str, weights=None, output: Path 
 
     model = create_backbone(name, weights=weights).to(device).eval()
     model.optimize()  # BatchNorm folding and the family's memory format; exact to float rounding
+    if torch.device(device).type == "cpu":
+        tune_cpu_allocator()  # the loop reruns the same shapes: reuse freed pages instead of faulting new ones
     tensors: dict[str, list[torch.Tensor]] = {"embeddings": []}
     bar = tqdm(total=len(paths), unit="img", disable=not progress)
     with torch.inference_mode():

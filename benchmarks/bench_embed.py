@@ -6,6 +6,7 @@ implementation of the same architecture (torchvision / timm / open_clip, random 
     python benchmarks/bench_embed.py --optimize            # Backbone.optimize() vs peers with their best flags
     python benchmarks/bench_embed.py --optimize --compile  # ... and torch.compile (inductor freezing) on both
     python benchmarks/bench_embed.py --dtype bf16          # one-time bf16 cast of ours and of the peer
+    python benchmarks/bench_embed.py --tune-allocator      # freed CPU memory stays in the process (both sides)
     python benchmarks/bench_embed.py --quick               # tiny *_test variants, 2 iterations (CI smoke)
 
 ``torch.inference_mode``, random input. The models are timed in interleaved rounds (A, B, C, then
@@ -22,7 +23,9 @@ casts both once. The header reports the machine's measured fp32 and bf16 GEMM ce
 fastest of ViT-B/16's GEMM shapes at batch 8 and a 2048^3 one, measured before and after the
 models) and which ISA oneDNN can use; the last
 column is the fraction of that ceiling each model reaches (FLOPs per image from torch's
-``FlopCounterMode``, 2 per multiply-add). The run fails (exit 1) only if an output differs from the
+``FlopCounterMode``, 2 per multiply-add), and the MiB of fresh pages each model faulted in per
+call (median; ``getrusage`` minor faults x page size), which ``--tune-allocator``
+(``backbone_sdk.tune_cpu_allocator()``, process-wide, so for the peer too) takes to ~0. The run fails (exit 1) only if an output differs from the
 reference.
 """
 
@@ -31,6 +34,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import resource
 import statistics
 import sys
 import time
@@ -234,19 +238,28 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 COMPILE_OPTIONS = {"freezing": True}
 
 
-def interleaved(fns: dict, x: torch.Tensor, warmup: int, iters: int) -> dict[str, list[float]]:
-    """Seconds per call of every function, timed round-robin with a rotating start."""
+def interleaved(fns: dict, x: torch.Tensor, warmup: int, iters: int, faults: dict | None = None) -> dict[str, list[float]]:
+    """Seconds per call of every function, timed round-robin with a rotating start; the page faults
+    of each timed call go to ``faults`` (same keys) when given."""
     names = list(fns)
     times = {n: [] for n in names}
     with torch.inference_mode():
         for r in range(warmup + iters):
             order = names[r % len(names):] + names[: r % len(names)]
             for n in order:
+                before = minor_faults()
                 start = time.perf_counter()
                 fns[n](x)
                 if r >= warmup:
                     times[n].append(time.perf_counter() - start)
+                    if faults is not None:
+                        faults.setdefault(n, []).append(minor_faults() - before)
     return times
+
+
+def minor_faults() -> int:
+    """Page faults of this process so far (served without I/O: fresh or reclaimed pages)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def ratio_stats(ours: list[float], other: list[float]) -> tuple[float, float, float, float]:
@@ -340,9 +353,12 @@ def bench_one(name, family, args):
     else:
         diff = torch.nn.functional.cosine_similarity(got, reference).min().item()
         ok = diff >= 0.999
-    times = interleaved(fns, x, args.warmup, args.iters)
+    faults: dict[str, list[int]] = {}
+    times = interleaved(fns, x, args.warmup, args.iters, faults)
     ips = {k: args.batch / statistics.median(v) for k, v in times.items()}
-    return {"name": name, "size": size, "diff": diff, "ok": ok, "peer_lib": peer_lib, "ips": ips,
+    page = resource.getpagesize()
+    fault_mib = {k: statistics.median(v) * page / 2**20 for k, v in faults.items()}
+    return {"name": name, "size": size, "diff": diff, "ok": ok, "peer_lib": peer_lib, "ips": ips, "faults": fault_mib,
             "changes": changes, "gflops": flops / 1e9,
             "vs": {k: ratio_stats(times["ours"], times[k]) for k in fns if k != "ours"}}
 
@@ -351,12 +367,13 @@ def print_table(rows, args, ceilings):
     mode = "optimize()+compile" if args.compile else "optimize()" if args.optimize else "default"
     print(f"batch {args.batch}, {args.dtype}, {mode}, inference_mode, {torch.get_num_threads()} threads, "
           f"{args.warmup} warmup + {args.iters} timed rounds, torch {torch.__version__}")
+    print(f"CPU allocator: {args.allocator}")
     print(f"GEMM ceilings (measured in this run): fp32 {ceilings['fp32']:.1f} GFLOP/s, bf16 {ceilings['bf16']:.1f} "
           f"GFLOP/s; oneDNN ISA: {isa()}")
     others = ["raw", "peer"] + (["peer eager"] if args.compile else [])
     head = (f"{'model':<28} {'size':>7} {'ours img/s':>10} {'raw HF':>7} {'peer':>17} "
             + " ".join(f"{'ours/' + o + ' [min..max] best':>31}" for o in others)
-            + f" {'GFLOP/img':>9} {'% ceil':>6} {'check':>9}")
+            + f" {'GFLOP/img':>9} {'% ceil':>6} {'faulted MiB/call ours|peer':>26} {'check':>9}")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -365,9 +382,10 @@ def print_table(rows, args, ceilings):
         ratios = ["{:>7.3f} [{:.3f}..{:.3f}] {:.3f}".format(*r["vs"][k]) for k in others]
         fraction = 100 * r["gflops"] * ips["ours"] / r["ceiling"]
         check = f"{r['diff']:.1e}" if args.dtype == "fp32" else f"cos {r['diff']:.4f}"
+        faulted = f"{r['faults']['ours']:.0f} | {r['faults']['peer']:.0f}"
         print(f"{r['name']:<28} {r['size'][0]:>3}x{r['size'][1]:<3} {ips['ours']:>10.2f} {ips['raw']:>7.2f} "
               f"{peer:>17} " + " ".join(f"{q:>31}" for q in ratios)
-              + f" {r['gflops']:>9.2f} {fraction:>5.1f}% {check:>9}")
+              + f" {r['gflops']:>9.2f} {fraction:>5.1f}% {faulted:>26} {check:>9}")
     for r in rows:
         if r["changes"]:
             print(f"  {r['name']}: " + "; ".join(r["changes"]))
@@ -385,7 +403,11 @@ def main(argv=None) -> int:
     parser.add_argument("--optimize", action="store_true", help="Backbone.optimize(); peers with their best flags")
     parser.add_argument("--compile", action="store_true", help="torch.compile ours and the peer (implies --optimize)")
     parser.add_argument("--quick", action="store_true", help="tiny *_test variants, 2 rounds, 1 warmup")
+    parser.add_argument("--tune-allocator", action="store_true",
+                        help="backbone_sdk.tune_cpu_allocator() first (process-wide: ours and the peer alike)")
     args = parser.parse_args(argv)
+    args.allocator = (str(bs.tune_cpu_allocator()) if args.tune_allocator
+                      else "as the process found it (--tune-allocator: keep freed memory)")
     if args.quick:
         args.iters, args.warmup = 2, 1
     if args.threads:

@@ -315,6 +315,7 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 
 def _load_model(settings: ExtractionSettings, local_rank: int):
+    from ..allocator import tune_cpu_allocator
     from ..factory import create_backbone
 
     if settings.device:
@@ -326,6 +327,8 @@ def _load_model(settings: ExtractionSettings, local_rank: int):
     torch.manual_seed(settings.seed)  # random weights are reproducible: a resumed run computes the same
     model = create_backbone(settings.backbone, weights=settings.weights, weights_format=settings.weights_format)
     model = model.to(device=device, dtype=DTYPES[settings.dtype]).eval()
+    if (settings.optimize or settings.compile) and device.type == "cpu":
+        log.info("CPU allocator: %s", tune_cpu_allocator())  # this worker process only runs this job
     if settings.optimize or settings.compile:
         report = model.optimize(compile=settings.compile, channels_last=True if settings.channels_last else None)
         log.info("%s: %s", settings.backbone, "; ".join(report.changes) or "nothing to optimize")

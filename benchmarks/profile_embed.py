@@ -1,0 +1,137 @@
+"""Where the time of ``embed()`` goes: backbone_sdk vs its peer, op by op, from ``torch.profiler``.
+
+    python benchmarks/profile_embed.py                                   # ViT-B/16 and ResNet-50
+    python benchmarks/profile_embed.py --only swin_tiny_patch4_window7_224 --top 15
+    python benchmarks/profile_embed.py --optimize                        # after Backbone.optimize()
+
+Same models, weights and peers as ``bench_embed.py`` (fp32, ``torch.inference_mode``, random input).
+Each model runs ``--warmup`` calls, then ``--iters`` profiled calls, interleaved with the peer's. The table groups the operators'
+self CPU time into classes (GEMM, convolution, attention, normalization, element-wise, data movement,
+other) and gives milliseconds per image for ours and the peer, side by side, plus the share of each
+class. With the GEMM ceiling measured in the same run, the GEMM row also says how fast the models'
+GEMMs run against it: the FLOPs of the ``addmm``/``mm``/``linear`` calls (``FlopCounterMode``)
+over their self time. That bounds what any change that keeps the GEMMs can win: the non-GEMM classes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+import backbone_sdk as bs  # noqa: E402
+from bench_embed import CNN_FAMILIES, OURS_OPTIONS, PEER, gemm_ceiling  # noqa: E402
+
+#: operator-name fragments of each class, checked in this order (first match wins)
+CLASSES = (
+    ("GEMM", ("addmm", "aten::mm", "aten::bmm", "mkl_linear", "linear_pointwise", "aten::baddbmm")),
+    ("convolution", ("convolution", "conv2d", "mkldnn_conv")),
+    ("attention", ("scaled_dot_product", "flash_attention", "softmax")),
+    ("normalization", ("layer_norm", "batch_norm", "group_norm", "rms_norm")),
+    ("element-wise", ("gelu", "relu", "silu", "add", "mul", "div", "sub", "tanh", "sigmoid", "clamp",
+                      "where", "erf", "pow", "sqrt", "rsqrt", "exp", "neg", "mean", "sum", "max_pool",
+                      "adaptive_avg_pool", "avg_pool", "fill_", "zero_")),
+    ("data movement", ("copy_", "clone", "contiguous", "cat", "roll", "index", "gather", "pad",
+                       "to_dense", "_to_copy", "stack", "flip", "constant_pad", "unfold", "repeat")),
+)
+GEMM_OPS = {"aten::addmm", "aten::mm", "aten::linear", "aten::bmm", "aten::matmul"}
+
+
+def classify(op: str) -> str:
+    for name, fragments in CLASSES:
+        if any(f in op for f in fragments):
+            return name
+    return "other"
+
+
+def profiled(fns: dict, x, warmup: int, iters: int) -> dict:
+    """Per model: (self CPU microseconds per class, per operator), over ``iters`` calls of each,
+    profiled one call at a time in interleaved rounds with a rotating start (as bench_embed times)."""
+    names = list(fns)
+    out = {n: (collections.Counter(), collections.Counter()) for n in names}
+    with torch.inference_mode():
+        for r in range(warmup + iters):
+            for n in names[r % len(names):] + names[: r % len(names)]:
+                if r < warmup:
+                    fns[n](x)
+                    continue
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    fns[n](x)
+                for event in prof.key_averages():
+                    out[n][1][event.key] += event.self_cpu_time_total
+                    out[n][0][classify(event.key)] += event.self_cpu_time_total
+    return out
+
+
+def gemm_flops(fn, x) -> float:
+    """FLOPs of the matrix multiplies (not attention's, not convolutions) in one call of ``fn``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        fn(x)
+    counts = counter.get_flop_counts().get("Global", {})
+    return float(sum(v for k, v in counts.items() if str(k) in ("aten.addmm", "aten.mm", "aten.bmm")))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="vit_base_patch16_224,resnet50")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--top", type=int, default=8, help="also list the N slowest operators of ours")
+    parser.add_argument("--optimize", action="store_true", help="Backbone.optimize() ours; CNN peers channels_last")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ceiling = gemm_ceiling(torch.float32)
+    print(f"{torch.get_num_threads()} threads, batch {args.batch}, {args.size}x{args.size}, fp32, "
+          f"{'optimize()' if args.optimize else 'default'}; fp32 GEMM ceiling {ceiling:.1f} GFLOP/s (this run)")
+    for name in [n for n in args.only.split(",") if n]:
+        spec = bs.get_spec(name)
+        family = spec.family
+        torch.manual_seed(0)
+        ours = bs.create_backbone(name, **OURS_OPTIONS.get(family, {})).eval()
+        peer_lib, peer = PEER[family](spec)
+        peer.eval()
+        x = torch.randn(args.batch, 3, args.size, args.size)
+        if args.optimize:
+            ours.optimize(example=x)
+            if family in CNN_FAMILIES:
+                peer = peer.to(memory_format=torch.channels_last)
+        runs = {"ours": ours.embed, peer_lib: peer}
+        results = profiled(runs, x, args.warmup, args.iters)
+        scale = 1e3 * args.iters * args.batch  # us -> ms per image
+        print(f"\n{name} (ms per image; share of the total)")
+        print(f"{'class':<15} " + " ".join(f"{k:>18}" for k in runs))
+        classes = [c for c, _ in CLASSES] + ["other"]
+        totals = {k: sum(r[0].values()) for k, r in results.items()}
+        for c in classes:
+            cells = [f"{results[k][0][c] / scale:>9.2f} ({100 * results[k][0][c] / totals[k]:>4.1f}%)" for k in runs]
+            print(f"{c:<15} " + " ".join(f"{cell:>18}" for cell in cells))
+        print(f"{'total':<15} " + " ".join(f"{totals[k] / scale:>18.2f}" for k in runs))
+        for k, fn in runs.items():
+            flops = gemm_flops(fn, x)
+            gemm_us = results[k][0]["GEMM"]
+            if flops and gemm_us:
+                rate = flops * args.iters / (gemm_us / 1e6) / 1e9
+                print(f"  {k}: GEMMs {flops / args.batch / 1e9:.2f} GFLOP/img at {rate:.1f} GFLOP/s = "
+                      f"{100 * rate / ceiling:.0f}% of the ceiling; non-GEMM time "
+                      f"{100 * (1 - gemm_us / totals[k]):.1f}% of the total")
+        print(f"  slowest operators of ours: " + "; ".join(
+            f"{op} {us / scale:.2f}" for op, us in results["ours"][1].most_common(args.top)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
