@@ -3,6 +3,7 @@
     python benchmarks/profile_embed.py                                   # ViT-B/16 and ResNet-50
     python benchmarks/profile_embed.py --only swin_tiny_patch4_window7_224 --top 15
     python benchmarks/profile_embed.py --optimize                        # after Backbone.optimize()
+    python benchmarks/profile_embed.py --tune-allocator                  # no page faults in the element-wise ops
 
 Same models, weights and peers as ``bench_embed.py`` (fp32, ``torch.inference_mode``, random input).
 Each model runs ``--warmup`` calls, then ``--iters`` profiled calls, interleaved with the peer's. The table groups the operators'
@@ -11,6 +12,7 @@ other) and gives milliseconds per image for ours and the peer, side by side, plu
 class. With the GEMM ceiling measured in the same run, the GEMM row also says how fast the models'
 GEMMs run against it: the FLOPs of the ``addmm``/``mm``/``linear`` calls (``FlopCounterMode``)
 over their self time. That bounds what any change that keeps the GEMMs can win: the non-GEMM classes.
+An operator's self time includes the page faults of its fresh output (see ``--tune-allocator``).
 """
 
 from __future__ import annotations
@@ -91,7 +93,11 @@ def main(argv=None) -> int:
     parser.add_argument("--top", type=int, default=8, help="also list the N slowest operators of ours")
     parser.add_argument("--optimize", action="store_true", help="Backbone.optimize() ours; CNN peers channels_last")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--tune-allocator", action="store_true",
+                        help="backbone_sdk.tune_cpu_allocator() first (ours and the peer alike)")
     args = parser.parse_args(argv)
+    if args.tune_allocator:
+        print(f"CPU allocator: {bs.tune_cpu_allocator()}")
     if args.threads:
         torch.set_num_threads(args.threads)
     ceiling = gemm_ceiling(torch.float32)

@@ -1,6 +1,8 @@
 """The benchmark scripts keep running (a smoke run on tiny variants; the figures come from full runs)."""
 
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -60,3 +62,22 @@ def test_gpu_embed_says_it_needs_cuda(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert _script("gpu_embed").main([]) == 2
     assert "needs a CUDA device" in capsys.readouterr().err
+
+
+def test_profile_embed_splits_the_time_into_operator_classes(capsys):
+    prof = _script("profile_embed")
+    assert prof.main(["--only", "vit_test,resnet_test", "--size", "32", "--batch", "2", "--iters", "1",
+                      "--warmup", "1", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    for row in ("GEMM", "convolution", "attention", "normalization", "element-wise", "data movement", "total"):
+        assert out.count(f"\n{row} ") == 2, row
+    assert "ours: GEMMs" in out and "% of the ceiling" in out  # vit_test's matmuls against the measured ceiling
+    assert "aten::addmm" in out and "aten::mkldnn_convolution" in out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="tunes glibc's malloc only")
+def test_bench_embed_tune_allocator_reports_it():
+    # a child process: the tuning is process-wide and permanent
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_embed.py"), "--quick", "--only", "resnet_test", "--tune-allocator"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "CPU allocator: glibc" in out and "M_MMAP_MAX=0" in out and "faulted MiB/call" in out
