@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=3)
-    parser.add_argument("--top", type=int, default=8, help="also list the N slowest operators of ours")
+    parser.add_argument("--top", type=int, default=8, help="also list the N slowest operators of each")
     parser.add_argument("--optimize", action="store_true", help="Backbone.optimize() ours; CNN peers channels_last")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--tune-allocator", action="store_true",
@@ -134,8 +134,9 @@ def main(argv=None) -> int:
                 print(f"  {k}: GEMMs {flops / args.batch / 1e9:.2f} GFLOP/img at {rate:.1f} GFLOP/s = "
                       f"{100 * rate / ceiling:.0f}% of the ceiling; non-GEMM time "
                       f"{100 * (1 - gemm_us / totals[k]):.1f}% of the total")
-        print(f"  slowest operators of ours: " + "; ".join(
-            f"{op} {us / scale:.2f}" for op, us in results["ours"][1].most_common(args.top)))
+        for k in runs:
+            print(f"  slowest operators of {k}: " + "; ".join(
+                f"{op} {us / scale:.2f}" for op, us in results[k][1].most_common(args.top)))
     return 0
 
 
