@@ -1,6 +1,6 @@
 """One Faster R-CNN R-50-FPN training iteration: backbone_sdk ResNet-50 vs detectron2's own ResNet-50.
 
-    python benchmarks/bench_detectron2.py [--runs 7] [--size 320] [--threads N]
+    python benchmarks/bench_detectron2.py [--runs 7] [--size 320] [--threads N] [--tune-allocator]
 
 Both detectors come from detectron2's COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml with the same
 heads, the same batch (2 images, ``--size`` px square, 3 boxes each) and detectron2's SGD optimizer
@@ -163,9 +163,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--size", type=int, default=320)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--tune-allocator", action="store_true",
+                        help="backbone_sdk.tune_cpu_allocator() first (both detectors alike; fewer page faults, less noise)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.tune_allocator:
+        import backbone_sdk
+
+        print(f"CPU allocator: {backbone_sdk.tune_cpu_allocator()}")
 
     models = {kind: build(kind) for kind in ("native", "sdk")}
     data = batch(args.size)
