@@ -8,7 +8,8 @@ ViT-B/16 ~182 MiB; at batch 32 ResNet-50 faults 4.7 GiB per call and runs 1.9x f
 memory stays in the process (``benchmarks/bench_embed.py --tune-allocator`` reports both).
 
 This is process-wide state, so nothing in backbone_sdk changes it behind the caller's back: the
-``extract`` job calls it in its own worker processes (unless ``--no-optimize``); a server or script
+extraction job calls it in the process that runs the model (unless ``--no-optimize`` or
+``ExtractionSettings(tune_allocator=False)``); a server or script
 calls it once. It is the in-process form of ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...``;
 preloading jemalloc or tcmalloc does the same job and is left alone.
 """

@@ -58,7 +58,7 @@ def test_a_preloaded_caching_allocator_is_left_alone(monkeypatch):
     assert allocator._applied is None  # nothing was set, so a later call looks again
 
 
-def test_extraction_tunes_the_allocator_on_cpu_only_when_optimizing(monkeypatch):
+def test_extraction_tunes_the_allocator_on_cpu_when_optimizing_unless_told_not_to(monkeypatch):
     from backbone_sdk.extraction.job import ExtractionSettings, _load_model
 
     calls = []
@@ -66,4 +66,5 @@ def test_extraction_tunes_the_allocator_on_cpu_only_when_optimizing(monkeypatch)
     _load_model(ExtractionSettings(backbone="resnet_test", device="cpu"), 0)
     assert calls == [1]
     _load_model(ExtractionSettings(backbone="resnet_test", device="cpu", optimize=False), 0)
+    _load_model(ExtractionSettings(backbone="resnet_test", device="cpu", tune_allocator=False), 0)
     assert calls == [1]

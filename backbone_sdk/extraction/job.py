@@ -56,6 +56,10 @@ class ExtractionSettings:
     channels_last: bool = False
     #: ``Backbone.optimize()`` before extracting (BatchNorm folding, the family's memory format)
     optimize: bool = True
+    #: with ``optimize`` on a CPU: :func:`backbone_sdk.tune_cpu_allocator` in the process that runs
+    #: the model (process-wide and permanent: freed memory stays in it; set False inside a process
+    #: that must hand memory back)
+    tune_allocator: bool = True
     #: ``torch.compile`` the backbone too (opt-in: worth it for long runs at one input size)
     compile: bool = False
     batch_size: int = 32
@@ -327,7 +331,7 @@ def _load_model(settings: ExtractionSettings, local_rank: int):
     torch.manual_seed(settings.seed)  # random weights are reproducible: a resumed run computes the same
     model = create_backbone(settings.backbone, weights=settings.weights, weights_format=settings.weights_format)
     model = model.to(device=device, dtype=DTYPES[settings.dtype]).eval()
-    if (settings.optimize or settings.compile) and device.type == "cpu":
+    if settings.tune_allocator and (settings.optimize or settings.compile) and device.type == "cpu":
         log.info("CPU allocator: %s", tune_cpu_allocator())  # this worker process only runs this job
     if settings.optimize or settings.compile:
         report = model.optimize(compile=settings.compile, channels_last=True if settings.channels_last else None)
