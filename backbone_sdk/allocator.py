@@ -3,9 +3,13 @@
 PyTorch allocates CPU tensors with the C library's ``malloc``. glibc serves large blocks with a
 fresh ``mmap`` and hands freed memory back to the kernel, so a forward pass that runs again with the
 same shapes touches new pages every time and pays one page fault (and the kernel's zeroing) per
-4 KiB. Measured here (2-core VM, fp32, batch 8, 224x224): ResNet-50 faults ~135 MiB per call and
-ViT-B/16 ~182 MiB; at batch 32 ResNet-50 faults 4.7 GiB per call and runs 1.9x faster once freed
-memory stays in the process (``benchmarks/bench_embed.py --tune-allocator`` reports both).
+4 KiB. Measured on a 2-core VM (fp32, 224x224): ResNet-50 at batch 32 faulted 4.7 GiB per call and
+ran 2.0x faster once freed memory stayed in the process; at batch 8 the faults vary from run to run
+(25-600 MiB per call across families; ``benchmarks/bench_embed.py --tune-allocator`` reports them).
+
+It works for allocations of the main thread. glibc's other threads allocate from their own
+arenas, which still ``mmap`` blocks of 64 MiB or more afresh: a server that runs the model in a
+thread pool keeps those faults (run it on the main thread, or preload jemalloc/tcmalloc).
 
 This is process-wide state, so nothing in backbone_sdk changes it behind the caller's back: the
 extraction job calls it in the process that runs the model (unless ``--no-optimize`` or
@@ -50,9 +54,10 @@ def tune_cpu_allocator() -> AllocatorTuning:
     of a fresh ``mmap`` each) and ``M_TRIM_THRESHOLD`` to its maximum (freed memory is not handed
     back to the kernel). The process then keeps its peak CPU memory for reuse, which is what a
     steady inference loop wants and what a process with short memory spikes may not. It is
-    process-wide and cannot be undone; calling it again does nothing. It is not applied (and says
-    why) on a C library other than glibc, or when a caching allocator (jemalloc, tcmalloc,
-    mimalloc) is preloaded.
+    process-wide and cannot be undone; calling it again does nothing. Blocks of 64 MiB or more
+    allocated by threads other than the main one are still mapped afresh (glibc's thread arenas).
+    It is not applied (and says why) on a C library other than glibc, or when another allocator
+    (jemalloc, tcmalloc, mimalloc) serves ``malloc``.
 
     >>> import backbone_sdk
     >>> print(backbone_sdk.tune_cpu_allocator())   # doctest: +SKIP
@@ -66,15 +71,28 @@ def tune_cpu_allocator() -> AllocatorTuning:
         return AllocatorTuning(False, f"left alone: {preloaded[0]} is preloaded (LD_PRELOAD) and caches already")
     if not sys.platform.startswith("linux"):
         return AllocatorTuning(False, f"left alone: only glibc's malloc is tuned, and this is {sys.platform}")
-    libc = ctypes.CDLL(None)
+    process = ctypes.CDLL(None)
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        libc = None
     version = getattr(libc, "gnu_get_libc_version", None)
-    if version is None or not hasattr(libc, "mallopt"):
+    if libc is None or version is None or not hasattr(libc, "mallopt"):
         return AllocatorTuning(False, "left alone: the C library is not glibc (no gnu_get_libc_version)")
+    if _address(process.malloc) != _address(libc.malloc):  # jemalloc & co. linked in or preloaded elsewhere
+        return AllocatorTuning(False, "left alone: malloc is not glibc's here (another allocator is interposed)")
     version.restype = ctypes.c_char_p
     glibc = version().decode()
     libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    if not (libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, _INT_MAX)):
-        return AllocatorTuning(False, f"left alone: glibc {glibc} refused mallopt")
-    _applied = AllocatorTuning(True, f"glibc {glibc} malloc: M_MMAP_MAX=0, M_TRIM_THRESHOLD={_INT_MAX} "
-                                     "(freed memory stays in the process)")
+    done = [name for name, param, value in (("M_MMAP_MAX=0", _M_MMAP_MAX, 0),
+                                             (f"M_TRIM_THRESHOLD={_INT_MAX}", _M_TRIM_THRESHOLD, _INT_MAX))
+            if libc.mallopt(param, value)]
+    if len(done) < 2:
+        _applied = AllocatorTuning(False, f"glibc {glibc} refused mallopt; set: {', '.join(done) or 'nothing'}")
+    else:
+        _applied = AllocatorTuning(True, f"glibc {glibc} malloc: {', '.join(done)} (freed memory stays in the process)")
     return _applied
+
+
+def _address(function) -> int | None:
+    return ctypes.cast(function, ctypes.c_void_p).value

@@ -8,7 +8,7 @@ from typing import Sequence
 
 import torch
 
-from .allocator import tune_cpu_allocator
+from . import allocator
 from .factory import create_backbone
 from .preprocess import load_image, preprocess
 
@@ -22,18 +22,20 @@ def _batches(items: Sequence, size: int):
 
 def run_extraction(paths: Sequence[Path], name: str, weights=None, output: Path = Path("embeddings.safetensors"), *,
                    batch_size: int = 8, size: int | None = None, maps: str = "none", device: str = "cpu",
-                   progress: bool = False) -> dict:
+                   progress: bool = False, tune_allocator: bool = True) -> dict:
     """Embed ``paths`` with backbone ``name`` and write ``embeddings`` [N, D] (+ maps) to ``output``.
 
-    The safetensors metadata holds the image paths (``paths``, JSON) and the backbone name.
+    The safetensors metadata holds the image paths (``paths``, JSON) and the backbone name. On a CPU
+    it calls :func:`backbone_sdk.tune_cpu_allocator` (process-wide: freed memory stays in the
+    process) unless ``tune_allocator=False``.
     """
     from safetensors.torch import save_file
     from tqdm import tqdm
 
     model = create_backbone(name, weights=weights).to(device).eval()
     model.optimize()  # BatchNorm folding and the family's memory format; exact to float rounding
-    if torch.device(device).type == "cpu":
-        tune_cpu_allocator()  # the loop reruns the same shapes: reuse freed pages instead of faulting new ones
+    if tune_allocator and torch.device(device).type == "cpu":
+        allocator.tune_cpu_allocator()  # the loop reruns the same shapes: reuse freed pages instead of faulting new ones
     tensors: dict[str, list[torch.Tensor]] = {"embeddings": []}
     bar = tqdm(total=len(paths), unit="img", disable=not progress)
     with torch.inference_mode():

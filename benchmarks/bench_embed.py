@@ -406,7 +406,10 @@ def main(argv=None) -> int:
     parser.add_argument("--tune-allocator", action="store_true",
                         help="backbone_sdk.tune_cpu_allocator() first (process-wide: ours and the peer alike)")
     args = parser.parse_args(argv)
+    from backbone_sdk import allocator
+
     args.allocator = (str(bs.tune_cpu_allocator()) if args.tune_allocator
+                      else str(allocator._applied) if allocator._applied  # tuned earlier in this process
                       else "as the process found it (--tune-allocator: keep freed memory)")
     if args.quick:
         args.iters, args.warmup = 2, 1

@@ -10,7 +10,7 @@ Each model runs ``--warmup`` calls, then ``--iters`` profiled calls, interleaved
 self CPU time into classes (GEMM, convolution, attention, normalization, element-wise, data movement,
 other) and gives milliseconds per image for ours and the peer, side by side, plus the share of each
 class. With the GEMM ceiling measured in the same run, the GEMM row also says how fast the models'
-GEMMs run against it: the FLOPs of the ``addmm``/``mm``/``linear`` calls (``FlopCounterMode``)
+GEMMs run against it: the FLOPs of the ``addmm``/``mm``/``bmm``/``baddbmm`` calls (``linear`` runs as these) (``FlopCounterMode``)
 over their self time. That bounds what any change that keeps the GEMMs can win: the non-GEMM classes.
 An operator's self time includes the page faults of its fresh output (see ``--tune-allocator``).
 """
@@ -31,25 +31,31 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 import backbone_sdk as bs  # noqa: E402
 from bench_embed import CNN_FAMILIES, OURS_OPTIONS, PEER, gemm_ceiling  # noqa: E402
 
-#: operator-name fragments of each class, checked in this order (first match wins)
+#: operator names (without ``aten::`` and leading/trailing underscores) of each class
 CLASSES = (
-    ("GEMM", ("addmm", "aten::mm", "aten::bmm", "mkl_linear", "linear_pointwise", "aten::baddbmm")),
-    ("convolution", ("convolution", "conv2d", "mkldnn_conv")),
-    ("attention", ("scaled_dot_product", "flash_attention", "softmax")),
-    ("normalization", ("layer_norm", "batch_norm", "group_norm", "rms_norm")),
-    ("element-wise", ("gelu", "relu", "silu", "add", "mul", "div", "sub", "tanh", "sigmoid", "clamp",
-                      "where", "erf", "pow", "sqrt", "rsqrt", "exp", "neg", "mean", "sum", "max_pool",
-                      "adaptive_avg_pool", "avg_pool", "fill_", "zero_")),
-    ("data movement", ("copy_", "clone", "contiguous", "cat", "roll", "index", "gather", "pad",
-                       "to_dense", "_to_copy", "stack", "flip", "constant_pad", "unfold", "repeat")),
+    ("GEMM", {"addmm", "mm", "bmm", "baddbmm", "addmm_activation", "mkl_linear", "linear_pointwise"}),
+    ("convolution", {"convolution", "mkldnn_convolution", "slow_conv2d_forward", "conv2d", "nnpack_spatial_convolution",
+                     "convolution_pointwise"}),
+    ("attention", {"scaled_dot_product_flash_attention_for_cpu", "scaled_dot_product_attention",
+                   "scaled_dot_product_efficient_attention", "softmax", "safe_softmax"}),
+    ("normalization", {"native_layer_norm", "layer_norm", "native_batch_norm", "batch_norm", "native_group_norm",
+                       "group_norm", "rms_norm", "fused_rms_norm", "batch_norm_impl_index"}),
+    ("element-wise", {"gelu", "relu", "relu_", "silu", "add", "add_", "mul", "mul_", "div", "div_", "sub", "tanh",
+                      "sigmoid", "clamp", "clamp_min", "clamp_min_", "where", "erf", "pow", "sqrt", "rsqrt", "exp",
+                      "neg", "mean", "sum", "max_pool2d_with_indices", "adaptive_avg_pool2d", "mkldnn_adaptive_avg_pool2d",
+                      "avg_pool2d", "fill", "fill_", "zero", "zero_", "var_mean", "addcmul", "lerp", "norm",
+                      "linalg_vector_norm"}),
+    ("data movement", {"copy", "copy_", "clone", "contiguous", "cat", "roll", "index", "index_select", "gather",
+                       "pad", "constant_pad_nd", "to_dense", "to_copy", "stack", "flip", "unfold", "repeat",
+                       "upsample_bicubic2d", "upsample_bilinear2d", "grid_sampler_2d"}),
 )
-GEMM_OPS = {"aten::addmm", "aten::mm", "aten::linear", "aten::bmm", "aten::matmul"}
 
 
 def classify(op: str) -> str:
-    for name, fragments in CLASSES:
-        if any(f in op for f in fragments):
-            return name
+    name = op.split("::")[-1].strip("_")
+    for cls, names in CLASSES:
+        if name in names or name.rstrip("_") in names:
+            return cls
     return "other"
 
 
@@ -80,7 +86,7 @@ def gemm_flops(fn, x) -> float:
     with counter, torch.inference_mode():
         fn(x)
     counts = counter.get_flop_counts().get("Global", {})
-    return float(sum(v for k, v in counts.items() if str(k) in ("aten.addmm", "aten.mm", "aten.bmm")))
+    return float(sum(v for k, v in counts.items() if str(k) in ("aten.addmm", "aten.mm", "aten.bmm", "aten.baddbmm")))
 
 
 def main(argv=None) -> int:

@@ -21,6 +21,16 @@ def full_names() -> list[str]:
 
 
 @pytest.fixture(autouse=True)
+def _keep_the_test_process_allocator(monkeypatch):
+    """The extraction job tunes the CPU allocator of its process (process-wide, permanent): not
+    the pytest process's. tests/test_allocator.py measures the real thing in child processes."""
+    from backbone_sdk import allocator
+
+    monkeypatch.setattr(allocator, "tune_cpu_allocator",
+                        lambda: allocator.AllocatorTuning(False, "left alone in the test process"))
+
+
+@pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
 

@@ -331,8 +331,8 @@ def _load_model(settings: ExtractionSettings, local_rank: int):
     torch.manual_seed(settings.seed)  # random weights are reproducible: a resumed run computes the same
     model = create_backbone(settings.backbone, weights=settings.weights, weights_format=settings.weights_format)
     model = model.to(device=device, dtype=DTYPES[settings.dtype]).eval()
-    if settings.tune_allocator and (settings.optimize or settings.compile) and device.type == "cpu":
-        log.info("CPU allocator: %s", tune_cpu_allocator())  # this worker process only runs this job
+    if settings.tune_allocator and settings.optimize and device.type == "cpu":
+        log.info("CPU allocator: %s", tune_cpu_allocator())  # process-wide: see ExtractionSettings.tune_allocator
     if settings.optimize or settings.compile:
         report = model.optimize(compile=settings.compile, channels_last=True if settings.channels_last else None)
         log.info("%s: %s", settings.backbone, "; ".join(report.changes) or "nothing to optimize")
@@ -403,7 +403,9 @@ def run(inputs, output: str | os.PathLike, settings: ExtractionSettings = Extrac
     """Extract embeddings of ``inputs`` into the sharded directory ``output``; returns the summary.
 
     Safe to re-run: done shards are skipped, partial ones redone. ``rank``/``world`` default to the
-    launcher's environment (torchrun, SLURM).
+    launcher's environment (torchrun, SLURM). On a CPU, with ``settings.optimize``, the calling
+    process's allocator is tuned (:func:`backbone_sdk.tune_cpu_allocator`, process-wide) unless
+    ``settings.tune_allocator`` is False.
     """
     env_rank, env_world, local_rank = launcher_rank()
     rank, world = (env_rank if rank is None else rank), (env_world if world is None else world)
